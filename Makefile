@@ -1,0 +1,37 @@
+# `make run` serves on 127.0.0.1:8000; `make test` runs the test suite. Both set up .venv first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: run test lint format clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[test,dev]'
+	touch $(VENV)/.installed $@
+
+run: $(VENV)/.installed
+	$(BIN)/jwtauth serve --host 127.0.0.1 --port 8000
+
+# pytest exits 5 when it collects no test; make fails on any non-zero exit, so that cannot pass.
+test: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest
+
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff format --check jwtauth tests scripts
+	$(BIN)/ruff check jwtauth tests scripts
+	$(BIN)/mypy jwtauth tests
+
+format: $(VENV)/.installed-dev
+	$(BIN)/ruff format jwtauth tests scripts
+	$(BIN)/ruff check --fix jwtauth tests scripts
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,155 @@
+"""The `jwtauth` command: serve, users and keys verbs; main(argv) returns the exit code."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import getpass
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+from jwtauth.config import OVERRIDABLE, Settings
+from jwtauth.errors import AuthError, ConfigError, KeyStoreError, StoreError
+from jwtauth.keys import KeyStore
+from jwtauth.passwords import PasswordHasher
+from jwtauth.service import UserAdmin
+from jwtauth.store import Store
+
+
+class CommandError(Exception):
+    """A command that cannot go on; printed as one line, exit 1."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    config = argparse.ArgumentParser(add_help=False)
+    group = config.add_argument_group("configuration (overrides the JWTAUTH_* variable of the same name)")
+    for name in OVERRIDABLE:
+        group.add_argument(f"--{name.lower().replace('_', '-')}", dest=f"JWTAUTH_{name}", metavar=name)
+
+    parser = argparse.ArgumentParser(prog="jwtauth", description="A small authentication server.")
+    verbs = parser.add_subparsers(dest="verb", required=True)
+
+    serve = verbs.add_parser("serve", parents=[config], help="serve the HTTP API")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--workers", type=int, default=1)
+
+    users = verbs.add_parser("users", help="manage users").add_subparsers(dest="action", required=True)
+    for action in ("add", "passwd"):
+        command = users.add_parser(action, parents=[config])
+        command.add_argument("email")
+        command.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+        if action == "add":
+            command.add_argument("--name", default="")
+    users.add_parser("list", parents=[config])
+    for action in ("disable", "enable"):
+        users.add_parser(action, parents=[config]).add_argument("email")
+
+    keys = verbs.add_parser("keys", help="manage signing keys").add_subparsers(dest="action", required=True)
+    keys.add_parser("list", parents=[config]).add_argument("--json", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; return its exit code (1 with one line on stderr for any expected failure)."""
+    args = build_parser().parse_args(argv)
+    overrides = {name: value for name, value in vars(args).items() if name.startswith("JWTAUTH_") and value}
+    try:
+        settings = Settings.from_env({**os.environ, **overrides})
+        if args.verb == "serve":
+            return serve(settings, overrides, args.host, args.port, args.workers)
+        if args.verb == "users":
+            return manage_users(settings, args)
+        return manage_keys(settings, args)
+    except (AuthError, CommandError) as exc:
+        print(f"jwtauth: {exc.description if isinstance(exc, AuthError) else exc}", file=sys.stderr)
+    except (ConfigError, KeyStoreError, StoreError) as exc:
+        print(f"jwtauth: {exc}", file=sys.stderr)
+    return 1
+
+
+def serve(settings: Settings, overrides: dict[str, str], host: str, port: int, workers: int) -> int:
+    """Prepare the database and keys here, so a bad setting fails once and clearly; then run uvicorn."""
+    import uvicorn
+    import uvicorn.config
+
+    from jwtauth.app import open_service
+
+    if workers < 1:
+        raise CommandError("--workers must be at least 1")
+    open_service(settings).store.close()
+    os.environ.update(overrides)  # the workers read their settings from the environment
+    log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    log_config["loggers"]["jwtauth"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
+    uvicorn.run(
+        "jwtauth.app:create_app_from_env",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        lifespan="on",
+        proxy_headers=False,  # X-Forwarded-For is not trusted from anyone
+        server_header=False,
+        log_config=log_config,
+    )
+    return 0
+
+
+def read_new_password(from_stdin: bool) -> str:
+    """Read a password: all of stdin less one trailing newline, or a no-echo prompt asked twice."""
+    if from_stdin:
+        password = sys.stdin.read()
+        return password[:-1] if password.endswith("\n") else password
+    password = getpass.getpass("Password: ")
+    if getpass.getpass("Repeat password: ") != password:
+        raise CommandError("the passwords do not match")
+    return password
+
+
+def manage_users(settings: Settings, args: argparse.Namespace) -> int:
+    store = Store(settings.db_path)
+    store.migrate()
+    admin = UserAdmin(store, PasswordHasher(settings.argon2), time.time)
+    if args.action == "add":
+        user = admin.add_user(args.email, read_new_password(args.password_stdin), args.name)
+        print(f"added {user.email} (id {user.id})")
+    elif args.action == "passwd":
+        admin.find_user(args.email)  # before asking for a password
+        admin.set_password(args.email, read_new_password(args.password_stdin))
+        print(f"password changed for {args.email.strip().lower()}")
+    elif args.action in ("disable", "enable"):
+        admin.set_disabled(args.email, args.action == "disable")
+        print(f"{args.action}d {args.email.strip().lower()}")
+    else:
+        for user in store.list_users():
+            state = "disabled" if user.is_disabled else "enabled"
+            print(f"{user.email}\t{user.name}\t{state}\t{user.id}\t{_iso(user.created_at)}")
+    return 0
+
+
+def manage_keys(settings: Settings, args: argparse.Namespace) -> int:
+    keyset = KeyStore(settings.keys_dir, settings.keys_passphrase, settings.key_size).load_or_create(int(time.time()))
+    rows = [
+        {"kid": key.kid, "state": key.state, "alg": "RS256", "size": key.private_key.key_size,
+         "created_at": _iso(key.created_at)}
+        for key in keyset.keys
+    ]  # fmt: skip
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for row in rows:
+            print("\t".join(str(value) for value in row.values()))
+    return 0
+
+
+def _iso(timestamp: int) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).isoformat().replace("+00:00", "Z")
+
+
+def run() -> None:
+    """The console-script entry point."""
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""Settings: every JWTAUTH_* variable of the contract, read once into one frozen object."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import argon2
+
+from jwtauth.errors import ConfigError
+
+KEY_SIZES = (2048, 3072, 4096)
+# The JWTAUTH_* variables that a CLI flag of the same name may override (`--keys-dir` for JWTAUTH_KEYS_DIR).
+# JWTAUTH_KEYS_PASSPHRASE is left out on purpose: a secret on the command line shows in `ps`.
+OVERRIDABLE = (
+    "DATABASE", "KEYS_DIR", "ISSUER", "AUDIENCE", "ACCESS_TTL", "REFRESH_TTL", "REFRESH_REUSE_INTERVAL",
+    "LEEWAY", "KEY_SIZE", "KEY_ROTATE_EVERY", "JWKS_MAX_AGE", "ARGON2_TIME_COST", "ARGON2_MEMORY_KIB",
+    "ARGON2_PARALLELISM", "LOGIN_MAX_FAILURES", "LOGIN_WINDOW", "OPEN_REGISTRATION", "PASSWORD_GRANT",
+)  # fmt: skip
+CLIENT_ID = "jwtauth"  # the first-party client every token is issued to (RFC 9068 §2.2 client_id)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """The configuration of one server or CLI run; built by from_env, overridden with dataclasses.replace."""
+
+    db_path: Path = Path("jwtauth.db")
+    keys_dir: Path = Path("keys")
+    keys_passphrase: bytes | None = field(default=None, repr=False)
+    issuer: str = "http://127.0.0.1:8000"
+    audience: str = "jwtauth"
+    access_ttl: int = 900
+    refresh_ttl: int = 2_592_000
+    refresh_reuse_interval: int = 10
+    leeway: int = 30
+    key_size: int = 2048
+    key_rotate_every: int = 2_592_000
+    jwks_max_age: int = 300
+    argon2: argon2.Parameters = field(default_factory=argon2.profiles.get_default_parameters, repr=False)
+    login_max_failures: int = 5
+    login_window: int = 900
+    open_registration: bool = False
+    password_grant: bool = False
+
+    def __post_init__(self) -> None:
+        if self.key_size not in KEY_SIZES:
+            raise ConfigError(f"JWTAUTH_KEY_SIZE must be one of {', '.join(map(str, KEY_SIZES))}, not {self.key_size}")
+        if not self.issuer.startswith(("https://", "http://")):
+            raise ConfigError(f"JWTAUTH_ISSUER must be an http(s) URL, not {self.issuer!r}")
+        if self.argon2.memory_cost < 8 * self.argon2.parallelism:
+            raise ConfigError("JWTAUTH_ARGON2_MEMORY_KIB must be at least 8 x JWTAUTH_ARGON2_PARALLELISM")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
+        """Read the JWTAUTH_* variables; unset ones keep the contract's defaults.
+
+        Raises:
+            ConfigError: a value is not a number where one is needed, out of range, or not allowed.
+        """
+        reader = _Reader(env)
+        defaults = cls()
+        params = defaults.argon2
+        argon2_params = dataclasses.replace(
+            params,
+            time_cost=reader.number("ARGON2_TIME_COST", params.time_cost, minimum=1),
+            memory_cost=reader.number("ARGON2_MEMORY_KIB", params.memory_cost, minimum=8),
+            parallelism=reader.number("ARGON2_PARALLELISM", params.parallelism, minimum=1),
+        )
+        passphrase = env.get("JWTAUTH_KEYS_PASSPHRASE")
+        return cls(
+            db_path=Path(reader.text("DATABASE", str(defaults.db_path))),
+            keys_dir=Path(reader.text("KEYS_DIR", str(defaults.keys_dir))),
+            keys_passphrase=passphrase.encode() if passphrase else None,
+            issuer=reader.text("ISSUER", defaults.issuer).rstrip("/"),
+            audience=reader.text("AUDIENCE", defaults.audience),
+            access_ttl=reader.number("ACCESS_TTL", defaults.access_ttl, minimum=1),
+            refresh_ttl=reader.number("REFRESH_TTL", defaults.refresh_ttl, minimum=1),
+            refresh_reuse_interval=reader.number("REFRESH_REUSE_INTERVAL", defaults.refresh_reuse_interval),
+            leeway=reader.number("LEEWAY", defaults.leeway),
+            key_size=reader.number("KEY_SIZE", defaults.key_size, minimum=1),
+            key_rotate_every=reader.number("KEY_ROTATE_EVERY", defaults.key_rotate_every, minimum=1),
+            jwks_max_age=reader.number("JWKS_MAX_AGE", defaults.jwks_max_age),
+            argon2=argon2_params,
+            login_max_failures=reader.number("LOGIN_MAX_FAILURES", defaults.login_max_failures, minimum=1),
+            login_window=reader.number("LOGIN_WINDOW", defaults.login_window, minimum=1),
+            open_registration=reader.flag("OPEN_REGISTRATION", defaults.open_registration),
+            password_grant=reader.flag("PASSWORD_GRANT", defaults.password_grant),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _Reader:
+    """Reads JWTAUTH_<NAME> from a mapping, naming the variable in every error."""
+
+    env: Mapping[str, str]
+
+    def text(self, name: str, default: str) -> str:
+        value = self.env.get(f"JWTAUTH_{name}", default).strip()
+        if not value:
+            raise ConfigError(f"JWTAUTH_{name} must not be empty")
+        return value
+
+    def number(self, name: str, default: int, minimum: int = 0) -> int:
+        raw = self.env.get(f"JWTAUTH_{name}")
+        if raw is None:
+            return default
+        try:
+            value = int(raw.strip())
+        except ValueError:
+            raise ConfigError(f"JWTAUTH_{name} must be a whole number, not {raw!r}") from None
+        if value < minimum:
+            raise ConfigError(f"JWTAUTH_{name} must be at least {minimum}, not {value}")
+        return value
+
+    def flag(self, name: str, default: bool) -> bool:
+        raw = self.env.get(f"JWTAUTH_{name}")
+        if raw is None:
+            return default
+        value = raw.strip().lower()
+        if value not in ("0", "1", "true", "false", "yes", "no", "on", "off", ""):
+            raise ConfigError(f"JWTAUTH_{name} must be 0 or 1, not {raw!r}")
+        return value in ("1", "true", "yes", "on")

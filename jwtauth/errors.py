@@ -1,0 +1,66 @@
+"""The exception classes of jwtauth, and nothing else."""
+
+from __future__ import annotations
+
+
+class AuthError(Exception):
+    """A client mistake. app.render_auth_error turns every subclass into OAuth-style JSON."""
+
+    error = "invalid_request"  # RFC 6749 §5.2 / RFC 6750 §3.1 error code
+    status_code = 400
+
+    def __init__(self, description: str = "") -> None:
+        super().__init__(description or self.error)
+        self.description = description
+
+
+class InvalidRequestError(AuthError):
+    """A missing, blank, malformed or oversized parameter."""
+
+
+class InvalidGrantError(AuthError):
+    """Wrong password, unknown or disabled user; refresh token bad, used, expired or revoked."""
+
+    error = "invalid_grant"
+
+
+class UnsupportedGrantTypeError(AuthError):
+    """A grant_type this server does not offer (RFC 6749 §5.2)."""
+
+    error = "unsupported_grant_type"
+
+
+class InvalidTokenError(AuthError):
+    """A bearer token rejected by a protected route (RFC 6750 §3.1)."""
+
+    error, status_code = "invalid_token", 401
+
+
+class ConflictError(AuthError):
+    """A resource that already exists, e.g. a registered email."""
+
+    error, status_code = "conflict", 409
+
+
+class UnsupportedMediaTypeError(AuthError):
+    """A body that is neither JSON nor form-encoded."""
+
+    status_code = 415
+
+
+class BodyTooLargeError(AuthError):
+    """A request body over the size limit."""
+
+    status_code = 413
+
+
+class ConfigError(Exception):
+    """A configuration value that cannot be used; the server does not start."""
+
+
+class KeyStoreError(Exception):
+    """The key directory or a key file cannot be used; the server does not start."""
+
+
+class StoreError(Exception):
+    """The database cannot be opened or migrated; the server does not start."""

@@ -1,0 +1,219 @@
+"""Every SQL statement of jwtauth: migrations, users, sessions and refresh tokens (SQLite via sqlite-utils).
+
+The rest of the package sees only `Store` and the row dataclasses, so that another backend can slot in here.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlite_utils import Database
+
+from jwtauth.errors import ConflictError, StoreError
+
+# Each entry moves the schema one version up; PRAGMA user_version records how far a database has come.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """create table users (
+            id text primary key,
+            email text not null unique collate nocase,  -- stored normalised, in lower case
+            name text not null default '',
+            password_hash text not null,
+            is_disabled integer not null default 0,
+            created_at integer not null,
+            updated_at integer not null
+        )""",
+        """create table sessions (
+            id text primary key,
+            user_id text not null references users(id) on delete cascade,
+            created_at integer not null,
+            revoked_at integer
+        )""",
+        "create index sessions_by_user on sessions(user_id)",
+        """create table refresh_tokens (
+            token_hash text primary key,  -- the SHA-256 of the token, never the token itself
+            session_id text not null references sessions(id) on delete cascade,
+            issued_at integer not null,
+            expires_at integer not null,
+            used_at integer
+        )""",
+        "create index refresh_tokens_by_session on refresh_tokens(session_id)",
+    ),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    """A row of the users table."""
+
+    id: str
+    email: str
+    name: str
+    password_hash: str
+    is_disabled: bool
+    created_at: int
+    updated_at: int
+
+
+_USER_COLUMNS = "id, email, name, password_hash, is_disabled, created_at, updated_at"
+
+
+def _user(row: Any) -> User | None:
+    if row is None:
+        return None
+    id_, email, name, password_hash, is_disabled, created_at, updated_at = row
+    return User(id_, email, name, password_hash, bool(is_disabled), created_at, updated_at)
+
+
+class Store:
+    """The SQLite database: one connection per thread, WAL, foreign keys on, a 5 s busy timeout."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._local = threading.local()
+
+    @property
+    def _db(self) -> Database:
+        db: Database | None = getattr(self._local, "db", None)
+        if db is None:
+            conn = sqlite3.connect(self.path, timeout=5.0)
+            db = Database(conn, recursive_triggers=False, execute_plugins=False)
+            db.execute("pragma foreign_keys = on")
+            db.execute("pragma synchronous = normal")  # durable in WAL mode, fsyncs only at checkpoints
+            self._local.db = db
+        return db
+
+    @contextmanager
+    def _write(self) -> Iterator[Database]:
+        """One write transaction that takes the database's write lock at once (BEGIN IMMEDIATE).
+
+        Taking the lock up front means concurrent writers, in this or another process, queue on the
+        busy timeout instead of failing on a lock upgrade half way through.
+        """
+        db = self._db
+        db.execute("begin immediate")
+        try:
+            yield db
+        except BaseException:
+            db.conn.rollback()
+            raise
+        db.conn.commit()
+
+    def migrate(self) -> None:
+        """Create the database file if needed, switch it to WAL and apply the migrations it lacks.
+
+        Raises:
+            StoreError: the file cannot be opened or written, is not a database, or is from a newer version.
+        """
+        try:
+            db = self._db
+            db.execute("pragma journal_mode = wal")
+            with self._write():
+                version = int(db.execute("pragma user_version").fetchone()[0])
+                if version > len(MIGRATIONS):
+                    raise StoreError(f"database {self.path} has schema {version}, newer than this jwtauth knows")
+                for number, statements in enumerate(MIGRATIONS[version:], start=version + 1):
+                    for statement in statements:
+                        db.execute(statement)
+                    db.execute(f"pragma user_version = {number}")
+        except sqlite3.Error as exc:
+            self.close()
+            raise StoreError(f"cannot use database {self.path}: {exc}") from None
+
+    def schema_version(self) -> int:
+        """Return the migration the database is at (0 for a new file)."""
+        return int(self._db.execute("pragma user_version").fetchone()[0])
+
+    def close(self) -> None:
+        """Close this thread's connection, if it has one."""
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            db.close()
+            self._local.db = None
+
+    # Users
+
+    def add_user(self, email: str, name: str, password_hash: str, now: int) -> User:
+        """Insert a user with a new stable id.
+
+        Raises:
+            ConflictError: the email is taken (compared case-insensitively).
+        """
+        user = User(str(uuid.uuid4()), email, name, password_hash, False, now, now)
+        try:
+            with self._write() as db:
+                db.execute(
+                    f"insert into users ({_USER_COLUMNS}) values (?, ?, ?, ?, ?, ?, ?)",
+                    [user.id, email, name, password_hash, 0, now, now],
+                )
+        except sqlite3.IntegrityError:
+            raise ConflictError("a user with this email exists") from None
+        return user
+
+    def find_user_by_email(self, email: str) -> User | None:
+        """Return the user with this email (case-insensitive), or None."""
+        cursor = self._db.execute(f"select {_USER_COLUMNS} from users where email = ?", [email])
+        return _user(cursor.fetchone())
+
+    def find_user(self, user_id: str) -> User | None:
+        """Return the user with this id, or None."""
+        return _user(self._db.execute(f"select {_USER_COLUMNS} from users where id = ?", [user_id]).fetchone())
+
+    def list_users(self) -> list[User]:
+        """Return every user, oldest first."""
+        rows = self._db.execute(f"select {_USER_COLUMNS} from users order by created_at, email").fetchall()
+        return [user for user in map(_user, rows) if user is not None]
+
+    def set_password_hash(self, user_id: str, password_hash: str, now: int) -> None:
+        """Store a new hash for the user (a changed password, or a re-hash with new parameters)."""
+        with self._write() as db:
+            db.execute(
+                "update users set password_hash = ?, updated_at = ? where id = ?",
+                [password_hash, now, user_id],
+            )
+
+    def set_user_disabled(self, user_id: str, is_disabled: bool, now: int) -> None:
+        """Disable or enable the user."""
+        with self._write() as db:
+            db.execute(
+                "update users set is_disabled = ?, updated_at = ? where id = ?",
+                [int(is_disabled), now, user_id],
+            )
+
+    # Sessions and refresh tokens
+
+    def start_session(self, user_id: str, token_hash: str, now: int, expires_at: int) -> str:
+        """Create a session (a refresh-token family) with its first refresh token; return the session id."""
+        session_id = str(uuid.uuid4())
+        with self._write() as db:
+            db.execute("insert into sessions (id, user_id, created_at) values (?, ?, ?)", [session_id, user_id, now])
+            db.execute(
+                "insert into refresh_tokens (token_hash, session_id, issued_at, expires_at) values (?, ?, ?, ?)",
+                [token_hash, session_id, now, expires_at],
+            )
+        return session_id
+
+    def find_session_user(self, session_id: str) -> User | None:
+        """Return the user of a session that exists and is not revoked, if that user is not disabled."""
+        columns = ", ".join(f"users.{column.strip()}" for column in _USER_COLUMNS.split(","))
+        row = self._db.execute(
+            f"select {columns} from sessions join users on users.id = sessions.user_id"
+            " where sessions.id = ? and sessions.revoked_at is null and users.is_disabled = 0",
+            [session_id],
+        ).fetchone()
+        return _user(row)
+
+    def is_usable(self) -> bool:
+        """Return whether the database answers a query on the users table."""
+        try:
+            self._db.execute("select count(*) from users").fetchone()
+        except sqlite3.Error:
+            return False
+        return True

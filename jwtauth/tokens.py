@@ -1,0 +1,98 @@
+"""Access tokens (RS256 JWTs, RFC 9068 profile) and opaque refresh tokens: claims, signing, verification."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections.abc import Callable
+from typing import Any, TypedDict, cast
+
+import jwt
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from jwtauth.errors import InvalidTokenError
+
+ALGORITHM = "RS256"
+ACCESS_TOKEN_TYPES = ("at+jwt", "application/at+jwt")  # RFC 9068 §4: compared case-insensitively
+REQUIRED_CLAIMS = ["iss", "sub", "aud", "exp", "iat", "nbf", "jti", "client_id", "sid"]
+
+
+class AccessClaims(TypedDict):
+    """The claims of our access tokens (RFC 9068 §2.2, plus `sid` and `email`)."""
+
+    iss: str
+    sub: str
+    aud: str
+    exp: int
+    iat: int
+    nbf: int
+    jti: str
+    client_id: str
+    sid: str
+    email: str
+
+
+def sign_access_token(claims: AccessClaims, kid: str, private_key: rsa.RSAPrivateKey) -> str:
+    """Return the claims signed with RS256, with the RFC 9068 header (`typ` at+jwt, `kid`)."""
+    return jwt.encode(dict(claims), private_key, algorithm=ALGORITHM, headers={"kid": kid, "typ": "at+jwt"})
+
+
+def verify_access_token(
+    token: str,
+    public_key_for: Callable[[str], rsa.RSAPublicKey | None],
+    *,
+    issuer: str,
+    audience: str,
+    leeway: int,
+) -> AccessClaims:
+    """Check an access token's header, signature and claims; return the claims.
+
+    Only RS256 with `typ` at+jwt and a `kid` that public_key_for knows is accepted; `jku`, `x5u`
+    and embedded `jwk` headers are ignored, since keys come only from public_key_for.
+
+    Raises:
+        InvalidTokenError: for any failure; the description says which check failed, for logs only.
+    """
+    try:
+        header = jwt.get_unverified_header(token)
+    except jwt.PyJWTError as exc:
+        raise InvalidTokenError("malformed token") from exc
+    if header.get("alg") != ALGORITHM:  # RFC 8725 §3.1: never let the token choose the algorithm
+        raise InvalidTokenError("algorithm not allowed")
+    typ = header.get("typ")
+    if not isinstance(typ, str) or typ.lower() not in ACCESS_TOKEN_TYPES:  # RFC 8725 §3.11
+        raise InvalidTokenError("not an access token")
+    kid = header.get("kid")
+    public_key = public_key_for(kid) if isinstance(kid, str) else None
+    if public_key is None:
+        raise InvalidTokenError("unknown key")
+    try:
+        claims: dict[str, Any] = jwt.decode(
+            token,
+            public_key,
+            algorithms=[ALGORITHM],
+            issuer=issuer,
+            audience=audience,
+            leeway=leeway,
+            options={"require": REQUIRED_CLAIMS},
+        )
+    except jwt.PyJWTError as exc:
+        raise InvalidTokenError(f"rejected: {exc}") from exc
+    if not isinstance(claims["sub"], str) or not isinstance(claims["sid"], str):
+        raise InvalidTokenError("malformed claims")
+    return cast(AccessClaims, claims)
+
+
+def new_refresh_token() -> str:
+    """Return a new opaque refresh token: 256 bits from `secrets`, URL-safe."""
+    return secrets.token_urlsafe(32)
+
+
+def hash_refresh_token(token: str) -> str:
+    """Return the SHA-256 hex digest under which a refresh token is stored."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def new_token_id() -> str:
+    """Return a unique `jti`."""
+    return secrets.token_urlsafe(16)

@@ -1,0 +1,164 @@
+"""Shared fixtures: a real SQLite file and real keys under tmp_path, the real app, a real server process."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx2 as httpx
+import pytest
+from starlette.testclient import TestClient
+
+from jwtauth.app import create_app
+from jwtauth.config import Settings
+from jwtauth.keys import KeyStore
+from jwtauth.passwords import PasswordHasher
+from jwtauth.service import UserAdmin
+from jwtauth.store import Store
+
+# Cheap Argon2, set the way users set it: through the environment.
+CHEAP_ARGON2 = {
+    "JWTAUTH_ARGON2_TIME_COST": "1",
+    "JWTAUTH_ARGON2_MEMORY_KIB": "8",
+    "JWTAUTH_ARGON2_PARALLELISM": "1",
+}
+ISSUER = "https://auth.test"
+PASSWORD = "correct horse battery"
+
+
+@dataclass(frozen=True)
+class Account:
+    email: str
+    password: str
+    id: str
+
+
+@pytest.fixture(scope="session")
+def keys_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A key set made once per run; each test gets its own copy (RSA generation is slow)."""
+    directory = tmp_path_factory.mktemp("template") / "keys"
+    KeyStore(directory, None, 2048).load_or_create(int(time.time()))
+    return directory
+
+
+@pytest.fixture
+def env(tmp_path: Path, keys_template: Path) -> dict[str, str]:
+    """The environment of one jwtauth installation in tmp_path, with a copy of the template keys."""
+    shutil.copytree(keys_template, tmp_path / "keys")
+    return {
+        **CHEAP_ARGON2,
+        "JWTAUTH_DATABASE": str(tmp_path / "auth.db"),
+        "JWTAUTH_KEYS_DIR": str(tmp_path / "keys"),
+        "JWTAUTH_ISSUER": ISSUER,
+    }
+
+
+@pytest.fixture
+def settings(env: dict[str, str]) -> Settings:
+    return Settings.from_env(env)
+
+
+@pytest.fixture
+def client(settings: Settings) -> Iterator[TestClient]:
+    with TestClient(create_app(settings)) as client:  # `with` runs the lifespan
+        yield client
+
+
+def add_user(settings: Settings, email: str, password: str = PASSWORD, name: str = "") -> Account:
+    store = Store(settings.db_path)
+    store.migrate()
+    user = UserAdmin(store, PasswordHasher(settings.argon2)).add_user(email, password, name)
+    store.close()
+    return Account(user.email, password, user.id)
+
+
+@pytest.fixture
+def alice(settings: Settings) -> Account:
+    return add_user(settings, "alice@example.com", name="Alice")
+
+
+def login(client: TestClient | httpx.Client, email: str, password: str = PASSWORD) -> dict[str, object]:
+    response = client.post("/login", json={"email": email, "password": password})
+    assert response.status_code == 200, response.text
+    body: dict[str, object] = response.json()
+    return body
+
+
+def table_counts(db_path: Path) -> dict[str, int]:
+    """Rows per table, read straight from the SQLite file: to show that a request wrote nothing."""
+    import sqlite3
+
+    with sqlite3.connect(db_path) as conn:
+        tables = [row[0] for row in conn.execute("select name from sqlite_master where type = 'table'")]
+        return {table: conn.execute(f"select count(*) from {table}").fetchone()[0] for table in tables}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def run_cli(*args: str, env: Mapping[str, str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run `python -m jwtauth ARGS` as a user would, with only this environment's JWTAUTH_* variables."""
+    clean = {key: value for key, value in os.environ.items() if not key.startswith("JWTAUTH_")}
+    return subprocess.run(
+        [sys.executable, "-m", "jwtauth", *args],
+        env={**clean, **env},
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@dataclass
+class Server:
+    url: str
+    process: subprocess.Popen[str]
+    env: dict[str, str]
+
+
+def start_server(env: Mapping[str, str], *args: str) -> Server:
+    """Start `jwtauth serve` on a free port and wait until /healthz answers 200."""
+    port = free_port()
+    clean = {key: value for key, value in os.environ.items() if not key.startswith("JWTAUTH_")}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "jwtauth", "serve", "--port", str(port), *args],
+        env={**clean, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"jwtauth serve exited: {process.stderr.read() if process.stderr else ''}")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                return Server(url, process, dict(env))
+        except httpx.TransportError:
+            time.sleep(0.05)
+    process.kill()
+    raise RuntimeError("jwtauth serve did not become healthy in 30 s")
+
+
+def stop_server(server: Server) -> None:
+    server.process.terminate()
+    try:
+        server.process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        server.process.kill()
+        server.process.wait()
+    if server.process.stderr:
+        server.process.stderr.close()

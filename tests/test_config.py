@@ -1,0 +1,71 @@
+"""Settings.from_env: the contract's defaults and the refusal of bad values."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import argon2
+import pytest
+
+from jwtauth.config import Settings
+from jwtauth.errors import ConfigError
+
+
+def test_defaults_are_the_contracts() -> None:
+    settings = Settings.from_env({})
+
+    assert (settings.db_path, settings.keys_dir, settings.keys_passphrase) == (
+        Path("jwtauth.db"),
+        Path("keys"),
+        None,
+    )
+    assert (settings.issuer, settings.audience) == ("http://127.0.0.1:8000", "jwtauth")
+    assert (settings.access_ttl, settings.refresh_ttl, settings.refresh_reuse_interval) == (
+        900,
+        2_592_000,
+        10,
+    )
+    assert (settings.leeway, settings.key_size, settings.key_rotate_every, settings.jwks_max_age) == (
+        30, 2048, 2_592_000, 300,
+    )  # fmt: skip
+    assert settings.argon2 == argon2.profiles.get_default_parameters()
+    assert (settings.login_max_failures, settings.login_window) == (5, 900)
+    assert not settings.open_registration and not settings.password_grant
+
+
+def test_every_variable_is_read() -> None:
+    settings = Settings.from_env({
+        "JWTAUTH_DATABASE": "/srv/a.db", "JWTAUTH_KEYS_DIR": "/srv/keys", "JWTAUTH_KEYS_PASSPHRASE": "s3cret",
+        "JWTAUTH_ISSUER": "https://auth.example.com/", "JWTAUTH_AUDIENCE": "api", "JWTAUTH_ACCESS_TTL": "60",
+        "JWTAUTH_REFRESH_TTL": "600", "JWTAUTH_REFRESH_REUSE_INTERVAL": "0", "JWTAUTH_LEEWAY": "5",
+        "JWTAUTH_KEY_SIZE": "3072", "JWTAUTH_KEY_ROTATE_EVERY": "86400", "JWTAUTH_JWKS_MAX_AGE": "60",
+        "JWTAUTH_ARGON2_TIME_COST": "2", "JWTAUTH_ARGON2_MEMORY_KIB": "1024", "JWTAUTH_ARGON2_PARALLELISM": "2",
+        "JWTAUTH_LOGIN_MAX_FAILURES": "3", "JWTAUTH_LOGIN_WINDOW": "60", "JWTAUTH_OPEN_REGISTRATION": "1",
+        "JWTAUTH_PASSWORD_GRANT": "1",
+    })  # fmt: skip
+
+    assert settings == Settings(
+        Path("/srv/a.db"), Path("/srv/keys"), b"s3cret", "https://auth.example.com", "api", 60, 600, 0, 5, 3072,
+        86400, 60, argon2.Parameters(argon2.Type.ID, 19, 16, 32, 2, 1024, 2), 3, 60, True, True,
+    )  # fmt: skip
+
+
+def test_passphrase_is_not_in_the_repr() -> None:
+    assert "s3cret" not in repr(Settings.from_env({"JWTAUTH_KEYS_PASSPHRASE": "s3cret"}))
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"JWTAUTH_ACCESS_TTL": "15m"},
+        {"JWTAUTH_ACCESS_TTL": "0"},
+        {"JWTAUTH_KEY_SIZE": "4097"},
+        {"JWTAUTH_ARGON2_PARALLELISM": "0"},
+        {"JWTAUTH_ARGON2_MEMORY_KIB": "8", "JWTAUTH_ARGON2_PARALLELISM": "2"},
+        {"JWTAUTH_OPEN_REGISTRATION": "2"},
+        {"JWTAUTH_DATABASE": " "},
+    ],
+)
+def test_bad_values_are_refused_naming_the_variable(env: dict[str, str]) -> None:
+    with pytest.raises(ConfigError, match="JWTAUTH_"):
+        Settings.from_env(env)

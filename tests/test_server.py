@@ -1,0 +1,87 @@
+"""A real `jwtauth serve` process on a free port, used by real HTTP clients and verifiers."""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx2 as httpx
+import jwt
+import pytest
+
+from .conftest import PASSWORD, Server, run_cli, start_server, stop_server
+
+
+@pytest.fixture
+def server(env: dict[str, str], tmp_path: Path) -> Iterator[Server]:
+    fresh = {**env, "JWTAUTH_KEYS_DIR": str(tmp_path / "fresh-keys")}  # the first start creates them
+    assert run_cli("users", "add", "alice@example.com", "--password-stdin", env=fresh, stdin=PASSWORD).returncode == 0
+    server = start_server(fresh)
+    yield server
+    stop_server(server)
+
+
+def test_first_start_creates_the_database_and_keys(server: Server) -> None:
+    keys_dir = Path(server.env["JWTAUTH_KEYS_DIR"])
+    states = sorted(entry["state"] for entry in json.loads((keys_dir / "keyset.json").read_text())["keys"])
+
+    assert states == ["current", "next"]
+    assert Path(server.env["JWTAUTH_DATABASE"]).exists()
+
+
+def test_access_token_verifies_offline_with_pyjwkclient(server: Server) -> None:
+    response = httpx.post(f"{server.url}/login", json={"email": "alice@example.com", "password": PASSWORD})
+    token = response.json()["access_token"]
+
+    signing_key = jwt.PyJWKClient(f"{server.url}/.well-known/jwks.json").get_signing_key_from_jwt(token)
+    claims = jwt.decode(
+        token, signing_key, algorithms=["RS256"], audience="jwtauth", issuer=server.env["JWTAUTH_ISSUER"]
+    )
+
+    assert claims["email"] == "alice@example.com"
+    userinfo = httpx.get(f"{server.url}/userinfo", headers={"Authorization": f"Bearer {token}"})
+    assert (userinfo.status_code, userinfo.json()["sub"]) == (200, claims["sub"])
+
+
+def test_form_login_through_the_real_server(server: Server) -> None:
+    response = httpx.post(f"{server.url}/login", data={"email": "alice@example.com", "password": PASSWORD})
+
+    assert response.status_code == 200
+    assert response.headers["cache-control"] == "no-store"
+
+
+def test_chunked_body_over_16_kib_is_413(server: Server) -> None:
+    def chunks() -> Iterator[bytes]:
+        yield b'{"email": "alice@example.com", "password": "x", "pad": "'
+        for _ in range(32):
+            yield b"x" * 1024
+        yield b'"}'
+
+    response = httpx.post(f"{server.url}/login", content=chunks(), headers={"content-type": "application/json"})
+
+    assert response.request.headers["transfer-encoding"] == "chunked"
+    assert response.status_code == 413
+    assert response.json()["error"] == "invalid_request"
+
+
+def test_declared_length_over_16_kib_is_refused_before_the_body(server: Server) -> None:
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(b"POST /login HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000000\r\n\r\n")  # fmt: skip
+        reply = sock.recv(4096)
+
+    assert reply.startswith(b"HTTP/1.1 413")
+    assert b'"error":"invalid_request"' in reply
+
+
+def test_malformed_http_gets_no_traceback(server: Server) -> None:
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(b"POST /login HTTP/1.1\r\nHost: x\r\nContent-Length: nope\r\n\r\n")
+        reply = sock.recv(4096)
+
+    assert reply.startswith(b"HTTP/1.1 4")
+    assert b"Traceback" not in reply
