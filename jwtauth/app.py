@@ -179,6 +179,14 @@ async def render_server_error(request: Request, exc: Exception) -> Response:
     return JSONResponse(body, 500, {"Cache-Control": "no-store"})
 
 
+def etag_matches(if_none_match: str | None, etag: str) -> bool:
+    """Whether an If-None-Match header matches our entity tag (RFC 9110 §13.1.2: weak comparison, `*`)."""
+    if if_none_match is None:
+        return False
+    tags = [tag.strip().removeprefix("W/") for tag in if_none_match.split(",")]
+    return "*" in tags or etag in tags
+
+
 def token_response(pair: TokenPair) -> Response:
     return JSONResponse(pair.as_json(), headers=NO_STORE)
 
@@ -199,13 +207,40 @@ async def _password_login(request: Request, email: str, params: Mapping[str, obj
     return token_response(pair)
 
 
+async def refresh(request: Request) -> Response:
+    return await _refresh(request, await read_params(request))
+
+
+async def _refresh(request: Request, params: Mapping[str, object]) -> Response:
+    refresh_token = text_param(params, "refresh_token")
+    # A thread, because the rotation may wait for another process's write lock.
+    return token_response(await anyio.to_thread.run_sync(request.state.service.refresh, refresh_token))
+
+
 async def token(request: Request) -> Response:
     params = await read_params(request)
     grant_type = text_param(params, "grant_type")
     service: AuthService = request.state.service
+    if grant_type == "refresh_token":
+        return await _refresh(request, params)
     if grant_type == "password" and service.settings.password_grant:
         return await _password_login(request, text_param(params, "username", MAX_EMAIL_LENGTH), params)
     raise UnsupportedGrantTypeError(f"grant_type {grant_type!r} is not supported")
+
+
+async def revoke(request: Request) -> Response:
+    token = text_param(await read_params(request), "token")  # token_type_hint is optional: both kinds are tried
+    await anyio.to_thread.run_sync(request.state.service.revoke, token)
+    return JSONResponse({}, headers={"Cache-Control": "no-store"})  # RFC 7009 §2.2: 200 for any token
+
+
+async def logout(request: Request) -> Response:
+    access_token = parse_bearer(request.headers.get("authorization"))
+    scope = (await read_params(request)).get("scope", "local")
+    if not isinstance(scope, str):
+        raise InvalidRequestError("scope must be local or global")
+    await anyio.to_thread.run_sync(request.state.service.logout, access_token, scope)
+    return Response(status_code=204)
 
 
 async def userinfo(request: Request) -> Response:
@@ -218,7 +253,7 @@ async def jwks(request: Request) -> Response:
     keyset = request.state.service.keyset
     max_age = request.state.service.settings.jwks_max_age
     headers = {"Cache-Control": f"public, max-age={max_age}", "ETag": keyset.etag}
-    if keyset.etag in request.headers.get("if-none-match", ""):
+    if etag_matches(request.headers.get("if-none-match"), keyset.etag):
         return Response(status_code=304, headers=headers)
     return Response(keyset.jwks_body, media_type="application/json", headers=headers)
 
@@ -236,10 +271,12 @@ async def healthz(request: Request) -> Response:
 
 def server_metadata(settings: Settings) -> bytes:
     """Return the RFC 8414 authorization server metadata, serialised once."""
-    grants = ["password"] if settings.password_grant else []
+    grants = ["refresh_token", "password"] if settings.password_grant else ["refresh_token"]
     document = {
         "issuer": settings.issuer,
         "token_endpoint": f"{settings.issuer}/token",
+        "revocation_endpoint": f"{settings.issuer}/revoke",
+        "revocation_endpoint_auth_methods_supported": ["none"],
         "jwks_uri": f"{settings.issuer}/.well-known/jwks.json",
         "userinfo_endpoint": f"{settings.issuer}/userinfo",
         "grant_types_supported": grants,
@@ -250,7 +287,7 @@ def server_metadata(settings: Settings) -> bytes:
 
 
 def open_service(settings: Settings, clock: Callable[[], float] = time.time) -> AuthService:
-    """Migrate the database, load (or create) the keys and build the service.
+    """Migrate the database, load (or create) the keys, build the service and sweep what has expired.
 
     Raises:
         KeyStoreError: the keys cannot be used.
@@ -258,7 +295,22 @@ def open_service(settings: Settings, clock: Callable[[], float] = time.time) -> 
     store = Store(settings.db_path)
     store.migrate()
     keyset = KeyStore(settings.keys_dir, settings.keys_passphrase, settings.key_size).load_or_create(int(clock()))
-    return AuthService(settings, store, keyset, PasswordHasher(settings.argon2), clock)
+    service = AuthService(settings, store, keyset, PasswordHasher(settings.argon2), clock)
+    service.clean_up()
+    return service
+
+
+CLEAN_UP_EVERY = 60.0  # seconds between sweeps of expired refresh tokens and ended sessions
+
+
+async def maintain(service: AuthService) -> None:
+    """Sweep expired tokens and ended sessions every minute, in every worker (open_service swept at start)."""
+    while True:
+        await anyio.sleep(CLEAN_UP_EVERY)
+        try:
+            await anyio.to_thread.run_sync(service.clean_up)
+        except Exception:  # a locked or failing database must not end the loop; the next sweep tries again
+            log.exception("clean-up failed")
 
 
 def create_app(settings: Settings, clock: Callable[[], float] = time.time) -> Starlette:
@@ -267,16 +319,22 @@ def create_app(settings: Settings, clock: Callable[[], float] = time.time) -> St
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         service = await anyio.to_thread.run_sync(open_service, settings, clock)
-        yield {
-            "service": service,
-            "hash_limiter": anyio.CapacityLimiter(os.cpu_count() or 1),
-            "metadata": server_metadata(settings),
-        }
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(maintain, service)
+            yield {
+                "service": service,
+                "hash_limiter": anyio.CapacityLimiter(os.cpu_count() or 1),
+                "metadata": server_metadata(settings),
+            }
+            tasks.cancel_scope.cancel()
         service.store.close()
 
     routes = [
         Route("/login", login, methods=["POST"]),
+        Route("/refresh", refresh, methods=["POST"]),
         Route("/token", token, methods=["POST"]),
+        Route("/revoke", revoke, methods=["POST"]),
+        Route("/logout", logout, methods=["POST"]),
         Route("/userinfo", userinfo, methods=["GET", "POST"]),
         Route("/.well-known/jwks.json", jwks, methods=["GET"]),
         Route("/.well-known/openid-configuration", metadata, methods=["GET"]),

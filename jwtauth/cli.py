@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
         if action == "add":
             command.add_argument("--name", default="")
     users.add_parser("list", parents=[config])
-    for action in ("disable", "enable"):
+    for action in ("disable", "enable", "revoke-sessions"):
         users.add_parser(action, parents=[config]).add_argument("email")
 
     keys = verbs.add_parser("keys", help="manage signing keys").add_subparsers(dest="action", required=True)
@@ -121,6 +121,8 @@ def manage_users(settings: Settings, args: argparse.Namespace) -> int:
         admin.find_user(args.email)  # before asking for a password
         admin.set_password(args.email, read_new_password(args.password_stdin))
         print(f"password changed for {args.email.strip().lower()}")
+    elif args.action == "revoke-sessions":
+        print(f"revoked {admin.revoke_sessions(args.email)} sessions of {args.email.strip().lower()}")
     elif args.action in ("disable", "enable"):
         admin.set_disabled(args.email, args.action == "disable")
         print(f"{args.action}d {args.email.strip().lower()}")

@@ -153,6 +153,7 @@ class KeyStore:
         self._write_atomically(self.directory / METADATA_FILE, body)
 
     def _create_first_set(self, now: int) -> None:
+        os.chmod(self.directory, 0o700)  # also a directory that existed, such as the checkout's keys/
         entries: list[dict[str, object]] = []
         for state in ("current", "next"):
             kid = self.write_key(generate_private_key(self.key_size))

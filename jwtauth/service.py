@@ -22,11 +22,17 @@ from jwtauth.tokens import (
     verify_access_token,
 )
 
-audit = logging.getLogger("jwtauth.audit")
+log = logging.getLogger("jwtauth.audit")
 
 MAX_EMAIL_LENGTH = 254  # RFC 5321 §4.5.3.1.3, less the angle brackets
 _EMAIL = re.compile(r"[^@\s]+@[^@\s.]+(\.[^@\s.]+)+")
 BAD_CREDENTIALS = "invalid email or password"  # one answer for unknown email, wrong password, disabled user
+
+
+def audit(event: str, **fields: object) -> None:
+    """Log one audit event as `event key=value ...`; the fields go along as `extra` for structured logs.
+    Never pass a password or a token."""
+    log.info(" ".join([event, *(f"{key}={value}" for key, value in fields.items())]), extra={"event": event, **fields})
 
 
 def normalise_email(email: str) -> str:
@@ -82,16 +88,78 @@ class AuthService:
         user = self.store.find_user_by_email(normalise_email(email))
         if user is None:
             self.hasher.verify_dummy(password)  # as long as a wrong password takes
-            audit.info("login failed: unknown email")
+            audit("login_failed", reason="unknown_email")
             raise InvalidGrantError(BAD_CREDENTIALS)
         if not self.hasher.verify(user.password_hash, password) or user.is_disabled:
-            audit.info("login failed: user=%s %s", user.id, "disabled" if user.is_disabled else "wrong password")
+            audit("login_failed", reason="disabled" if user.is_disabled else "wrong_password", user=user.id)
             raise InvalidGrantError(BAD_CREDENTIALS)
         if self.hasher.needs_rehash(user.password_hash):
             self.store.set_password_hash(user.id, self.hasher.hash(password), self.now())
         pair = self._start_session(user)
-        audit.info("login succeeded: user=%s", user.id)
+        audit("login_succeeded", user=user.id)
         return pair
+
+    def refresh(self, refresh_token: str) -> TokenPair:
+        """Rotate a refresh token: spend it and return a new pair in the same session (RFC 9700 §4.14.2).
+
+        Raises:
+            InvalidGrantError: unknown, expired, revoked or disabled; or reused after the reuse interval,
+                which revokes the whole session.
+        """
+        now = self.now()
+        successor = new_refresh_token()
+        ttl = self.settings.refresh_ttl
+        rotation = self.store.rotate_refresh_token(
+            hash_refresh_token(refresh_token),
+            hash_refresh_token(successor),
+            now,
+            now + ttl,
+            self.settings.refresh_reuse_interval,
+        )
+        user, session_id = rotation.user, rotation.session_id
+        if rotation.outcome in ("invalid", "reuse_detected") or user is None or session_id is None:
+            event = "refresh_reuse_detected" if rotation.outcome == "reuse_detected" else "refresh_failed"
+            audit(event, user=user.id if user else None, sid=session_id)  # reuse revoked the session
+            raise InvalidGrantError("the refresh token is invalid, expired or revoked")
+        audit("refresh", user=user.id, sid=session_id, outcome=rotation.outcome)
+        return TokenPair(self._access_token(user, session_id, now), self.settings.access_ttl, successor, ttl)
+
+    def revoke(self, token: str) -> None:
+        """Revoke the session of a refresh token or of a valid access token; anything else is ignored
+        (RFC 7009 §2.2: the client cannot act on it)."""
+        session_id = self.store.find_refresh_session(hash_refresh_token(token))
+        if session_id is None:
+            try:
+                session_id = self._verify(token)["sid"]
+            except InvalidTokenError:
+                audit("revoke_ignored")
+                return
+        if self.store.revoke_session(session_id, self.now()):
+            audit("revoke", sid=session_id)
+
+    def logout(self, access_token: str, scope: str) -> None:
+        """End the bearer's session (`local`) or every session of its user (`global`).
+
+        Raises:
+            InvalidTokenError: the access token is rejected.
+            InvalidRequestError: scope is neither local nor global.
+        """
+        if scope not in ("local", "global"):
+            raise InvalidRequestError("scope must be local or global")
+        claims, user = self.authenticate(access_token)
+        if scope == "local":
+            self.store.revoke_session(claims["sid"], self.now())
+        else:
+            self.store.revoke_user_sessions(user.id, self.now())
+        audit("logout", user=user.id, sid=claims["sid"], scope=scope)
+
+    def clean_up(self) -> None:
+        """Delete expired refresh tokens, and sessions that are over: revoked for longer than an access
+        token lives (so nothing can still refer to them), or without a live refresh token."""
+        now = self.now()
+        tokens, sessions = self.store.delete_expired(now, now - self.settings.access_ttl - self.settings.leeway)
+        if tokens or sessions:
+            log.debug("deleted %d expired refresh tokens and %d ended sessions", tokens, sessions)
 
     def authenticate(self, access_token: str) -> tuple[AccessClaims, User]:
         """Verify a bearer access token and return its claims and user.
@@ -99,17 +167,20 @@ class AuthService:
         Raises:
             InvalidTokenError: the token fails verification, or its session is revoked or its user disabled.
         """
-        claims = verify_access_token(
+        claims = self._verify(access_token)
+        user = self.store.find_session_user(claims["sid"])
+        if user is None or user.id != claims["sub"]:
+            raise InvalidTokenError("session revoked or user disabled")
+        return claims, user
+
+    def _verify(self, access_token: str) -> AccessClaims:
+        return verify_access_token(
             access_token,
             self.keyset.public_key,
             issuer=self.settings.issuer,
             audience=self.settings.audience,
             leeway=self.settings.leeway,
         )
-        user = self.store.find_session_user(claims["sid"])
-        if user is None or user.id != claims["sub"]:
-            raise InvalidTokenError("session revoked or user disabled")
-        return claims, user
 
     def _start_session(self, user: User) -> TokenPair:
         now = self.now()
@@ -179,6 +250,7 @@ class UserAdmin:
         user = self.find_user(email)
         check_password(password)
         self.store.set_password_hash(user.id, self.hasher.hash(password), self.now())
+        self.revoke_sessions(email)
 
     def set_disabled(self, email: str, is_disabled: bool) -> None:
         """Disable or enable a user; a disabled user can neither log in nor use its tokens at /userinfo.
@@ -187,6 +259,19 @@ class UserAdmin:
             InvalidRequestError: no such user.
         """
         self.store.set_user_disabled(self.find_user(email).id, is_disabled, self.now())
+        if is_disabled:
+            self.revoke_sessions(email)
+
+    def revoke_sessions(self, email: str) -> int:
+        """End every session of a user; return how many were live.
+
+        Raises:
+            InvalidRequestError: no such user.
+        """
+        user = self.find_user(email)
+        count = self.store.revoke_user_sessions(user.id, self.now())
+        audit("sessions_revoked", user=user.id, count=count)
+        return count
 
 
 def check_email(email: str) -> str:

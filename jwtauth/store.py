@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from sqlite_utils import Database
 
@@ -63,6 +63,17 @@ class User:
 
 
 _USER_COLUMNS = "id, email, name, password_hash, is_disabled, created_at, updated_at"
+_USER_COLUMNS_OF_USERS = ", ".join(f"users.{column}" for column in _USER_COLUMNS.split(", "))
+
+
+@dataclass(frozen=True, slots=True)
+class Rotation:
+    """What presenting a refresh token came to: `rotated` (or `reused_within_interval`) stored a successor;
+    `reuse_detected` revoked the session; `invalid` changed nothing (unknown, expired, revoked, disabled)."""
+
+    outcome: Literal["rotated", "reused_within_interval", "reuse_detected", "invalid"]
+    user: User | None = None
+    session_id: str | None = None
 
 
 def _user(row: Any) -> User | None:
@@ -200,11 +211,77 @@ class Store:
             )
         return session_id
 
+    def rotate_refresh_token(
+        self, token_hash: str, new_hash: str, now: int, expires_at: int, reuse_interval: int
+    ) -> Rotation:
+        """Spend a refresh token and store its successor, or detect its reuse; one write transaction.
+
+        BEGIN IMMEDIATE takes SQLite's write lock before the token is read, so concurrent refreshes of
+        one token, from any thread or process, are decided one after another: exactly one finds it unspent.
+        A reuse after the interval revokes the session, and that revocation is committed.
+        """
+        with self._write() as db:
+            row = db.execute(
+                f"select refresh_tokens.session_id, refresh_tokens.expires_at, refresh_tokens.used_at,"
+                f" sessions.revoked_at, {_USER_COLUMNS_OF_USERS}"
+                " from refresh_tokens join sessions on sessions.id = refresh_tokens.session_id"
+                " join users on users.id = sessions.user_id where refresh_tokens.token_hash = ?",
+                [token_hash],
+            ).fetchone()
+            if row is None:
+                return Rotation("invalid")
+            session_id, token_expires_at, used_at, revoked_at = row[:4]
+            user = _user(row[4:])
+            assert user is not None
+            if revoked_at is not None or user.is_disabled or token_expires_at <= now:
+                return Rotation("invalid", user, session_id)
+            if used_at is not None and not (reuse_interval > 0 and now - used_at <= reuse_interval):
+                _revoke_sessions(db, "id = ?", [session_id], now)
+                return Rotation("reuse_detected", user, session_id)
+            if used_at is None:
+                db.execute("update refresh_tokens set used_at = ? where token_hash = ?", [now, token_hash])
+                # Only the token just spent is kept to recognise a replay; older spent ones go.
+                db.execute(
+                    "delete from refresh_tokens where session_id = ? and used_at is not null and token_hash != ?",
+                    [session_id, token_hash],
+                )
+            db.execute(
+                "insert into refresh_tokens (token_hash, session_id, issued_at, expires_at) values (?, ?, ?, ?)",
+                [new_hash, session_id, now, expires_at],
+            )
+            return Rotation("rotated" if used_at is None else "reused_within_interval", user, session_id)
+
+    def find_refresh_session(self, token_hash: str) -> str | None:
+        """Return the id of the session a refresh token belongs to (spent or not), or None."""
+        row = self._db.execute("select session_id from refresh_tokens where token_hash = ?", [token_hash]).fetchone()
+        return None if row is None else str(row[0])
+
+    def revoke_session(self, session_id: str, now: int) -> int:
+        """Revoke one session and delete its refresh tokens; return how many sessions this revoked (0 or 1)."""
+        with self._write() as db:
+            return _revoke_sessions(db, "id = ?", [session_id], now)
+
+    def revoke_user_sessions(self, user_id: str, now: int) -> int:
+        """Revoke every session of a user and delete their refresh tokens; return how many were revoked."""
+        with self._write() as db:
+            return _revoke_sessions(db, "user_id = ?", [user_id], now)
+
+    def delete_expired(self, now: int, revoked_before: int) -> tuple[int, int]:
+        """Delete expired refresh tokens, then sessions revoked before `revoked_before` or left without
+        any refresh token; return (tokens, sessions) deleted."""
+        with self._write() as db:
+            tokens = db.execute("delete from refresh_tokens where expires_at <= ?", [now]).rowcount
+            sessions = db.execute(
+                "delete from sessions where revoked_at <= ? or (revoked_at is null and not exists"
+                " (select 1 from refresh_tokens where refresh_tokens.session_id = sessions.id))",
+                [revoked_before],
+            ).rowcount
+        return tokens, sessions
+
     def find_session_user(self, session_id: str) -> User | None:
         """Return the user of a session that exists and is not revoked, if that user is not disabled."""
-        columns = ", ".join(f"users.{column.strip()}" for column in _USER_COLUMNS.split(","))
         row = self._db.execute(
-            f"select {columns} from sessions join users on users.id = sessions.user_id"
+            f"select {_USER_COLUMNS_OF_USERS} from sessions join users on users.id = sessions.user_id"
             " where sessions.id = ? and sessions.revoked_at is null and users.is_disabled = 0",
             [session_id],
         ).fetchone()
@@ -217,3 +294,12 @@ class Store:
         except sqlite3.Error:
             return False
         return True
+
+
+def _revoke_sessions(db: Database, where: str, params: list[object], now: int) -> int:
+    """Mark the matching live sessions revoked and delete their refresh tokens, inside the caller's transaction."""
+    ids = [row[0] for row in db.execute(f"select id from sessions where revoked_at is null and {where}", params)]
+    for session_id in ids:
+        db.execute("update sessions set revoked_at = ? where id = ?", [now, session_id])
+        db.execute("delete from refresh_tokens where session_id = ?", [session_id])
+    return len(ids)

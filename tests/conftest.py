@@ -162,3 +162,21 @@ def stop_server(server: Server) -> None:
         server.process.wait()
     if server.process.stderr:
         server.process.stderr.close()
+
+
+class Clock:
+    """A clock the test moves by hand, handed to create_app; it starts at the real time so that
+    tokens it stamps also pass PyJWT's own expiry checks."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def bearer(token: object) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}

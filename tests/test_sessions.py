@@ -1,0 +1,443 @@
+"""Sessions: refresh rotation with reuse detection, revocation, logout, and clean-up (RFC 9700, RFC 7009)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import sqlite3
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx2 as httpx
+import jwt
+import pytest
+from starlette.testclient import TestClient
+
+from jwtauth.app import create_app
+from jwtauth.config import Settings
+
+from .conftest import (
+    PASSWORD,
+    Account,
+    Clock,
+    add_user,
+    bearer,
+    login,
+    run_cli,
+    start_server,
+    stop_server,
+    table_counts,
+)
+
+
+def sid_of(pair: dict[str, object]) -> str:
+    return str(jwt.decode(str(pair["access_token"]), options={"verify_signature": False})["sid"])
+
+
+def refresh(client: TestClient, token: object) -> httpx.Response:
+    return client.post("/refresh", json={"refresh_token": token})
+
+
+def assert_invalid_grant(response: httpx.Response) -> None:
+    assert (response.status_code, response.json()["error"]) == (400, "invalid_grant"), response.text
+    assert "access_token" not in response.json()
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+def make_client(env: dict[str, str], clock: Clock, **variables: str) -> TestClient:
+    settings = Settings.from_env({**env, **{f"JWTAUTH_{name.upper()}": value for name, value in variables.items()}})
+    return TestClient(create_app(settings, clock=clock))
+
+
+@pytest.fixture
+def strict(env: dict[str, str], clock: Clock) -> Iterator[TestClient]:
+    """No reuse interval: any second use of a refresh token is an attack."""
+    with make_client(env, clock, refresh_reuse_interval="0") as client:
+        yield client
+
+
+@pytest.fixture
+def lenient(env: dict[str, str], clock: Clock) -> Iterator[TestClient]:
+    """A 10 s reuse interval, the default."""
+    with make_client(env, clock, refresh_reuse_interval="10") as client:
+        yield client
+
+
+# Rotation
+
+
+def test_refresh_rotates_within_the_session(strict: TestClient, alice: Account) -> None:
+    first = login(strict, alice.email)
+
+    response = refresh(strict, first["refresh_token"])
+
+    assert response.status_code == 200
+    second = response.json()
+    assert second["refresh_token"] != first["refresh_token"]
+    assert sid_of(second) == sid_of(first)
+    assert (response.headers["cache-control"], response.headers["pragma"]) == ("no-store", "no-cache")
+    assert refresh(strict, second["refresh_token"]).status_code == 200  # the new one works
+    assert strict.get("/userinfo", headers=bearer(second["access_token"])).status_code == 200
+
+
+def test_new_refresh_token_lives_the_full_ttl_from_its_issue(env: dict[str, str], clock: Clock, alice: Account) -> None:
+    with make_client(env, clock, refresh_ttl="100") as client:
+        pair = login(client, alice.email)
+        clock.advance(90)
+        pair = refresh(client, pair["refresh_token"]).json()
+        clock.advance(90)  # 180 s after login, 90 s after the last refresh
+
+        response = refresh(client, pair["refresh_token"])
+
+    assert response.status_code == 200
+    assert response.json()["refresh_expires_in"] == 100
+
+
+def test_expired_refresh_token_is_invalid_grant(env: dict[str, str], clock: Clock, alice: Account) -> None:
+    with make_client(env, clock, refresh_ttl="60") as client:
+        pair = login(client, alice.email)
+        clock.advance(60)
+
+        assert_invalid_grant(refresh(client, pair["refresh_token"]))
+
+
+@pytest.mark.parametrize("token", ["", "   ", None, 42, ["x"]])
+def test_missing_or_malformed_refresh_token_is_invalid_request(strict: TestClient, token: object) -> None:
+    response = strict.post("/refresh", json={"refresh_token": token})
+
+    assert (response.status_code, response.json()["error"]) == (400, "invalid_request")
+
+
+def test_unknown_refresh_token_is_invalid_grant(strict: TestClient, settings: Settings, alice: Account) -> None:
+    login(strict, alice.email)
+    before = table_counts(settings.db_path)
+
+    assert_invalid_grant(refresh(strict, "not-a-token-we-issued"))
+    assert table_counts(settings.db_path) == before
+
+
+def test_token_endpoint_refresh_grant_rotates(strict: TestClient, alice: Account) -> None:
+    first = login(strict, alice.email)
+
+    response = strict.post("/token", data={"grant_type": "refresh_token", "refresh_token": first["refresh_token"]})
+
+    assert response.status_code == 200
+    assert sid_of(response.json()) == sid_of(first)
+    assert_invalid_grant(refresh(strict, first["refresh_token"]))
+
+
+# Reuse detection
+
+
+def test_reuse_with_interval_0_revokes_the_family(strict: TestClient, alice: Account) -> None:
+    first = login(strict, alice.email)
+    other_session = login(strict, alice.email)
+    second = refresh(strict, first["refresh_token"]).json()
+
+    assert_invalid_grant(refresh(strict, first["refresh_token"]))
+
+    assert_invalid_grant(refresh(strict, second["refresh_token"]))  # the newest of the family fails too
+    assert strict.get("/userinfo", headers=bearer(second["access_token"])).status_code == 401
+    assert refresh(strict, other_session["refresh_token"]).status_code == 200  # untouched
+
+
+def test_reuse_within_the_interval_gets_a_pair_in_the_same_family(
+    lenient: TestClient, clock: Clock, alice: Account
+) -> None:
+    first = login(lenient, alice.email)
+    second = refresh(lenient, first["refresh_token"]).json()
+    clock.advance(9)
+
+    response = refresh(lenient, first["refresh_token"])
+
+    assert response.status_code == 200
+    assert sid_of(response.json()) == sid_of(first)
+    assert refresh(lenient, second["refresh_token"]).status_code == 200
+    assert refresh(lenient, response.json()["refresh_token"]).status_code == 200
+
+
+def test_reuse_after_the_interval_revokes_the_family(lenient: TestClient, clock: Clock, alice: Account) -> None:
+    first = login(lenient, alice.email)
+    second = refresh(lenient, first["refresh_token"]).json()
+    clock.advance(11)
+
+    assert_invalid_grant(refresh(lenient, first["refresh_token"]))
+
+    assert_invalid_grant(refresh(lenient, second["refresh_token"]))
+    assert lenient.get("/userinfo", headers=bearer(second["access_token"])).status_code == 401
+
+
+def test_concurrent_refreshes_across_two_workers_give_exactly_one_pair(env: dict[str, str]) -> None:
+    add_user(Settings.from_env(env), "alice@example.com")
+    server = start_server({**env, "JWTAUTH_REFRESH_REUSE_INTERVAL": "0"}, "--workers", "2")
+    try:
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            pair = http.post("/login", json={"email": "alice@example.com", "password": PASSWORD}).json()
+        start = threading.Barrier(20)
+
+        def refresh_once(_: int) -> httpx.Response:
+            with httpx.Client(base_url=server.url, timeout=30) as http:
+                start.wait()
+                return http.post("/refresh", json={"refresh_token": pair["refresh_token"]})
+
+        with concurrent.futures.ThreadPoolExecutor(20) as pool:
+            responses = list(pool.map(refresh_once, range(20)))
+        statuses = sorted(response.status_code for response in responses)
+        winner = next(response.json() for response in responses if response.status_code == 200)
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            winner_refresh = http.post("/refresh", json={"refresh_token": winner["refresh_token"]})
+            winner_userinfo = http.get("/userinfo", headers=bearer(winner["access_token"]))
+    finally:
+        stop_server(server)
+
+    assert statuses == [200] + [400] * 19
+    assert {response.json()["error"] for response in responses if response.status_code == 400} == {"invalid_grant"}
+    # The 19 reuses revoked the family: the winner's tokens are dead too, and nothing of it is left to use.
+    assert (winner_refresh.status_code, winner_userinfo.status_code) == (400, 401)
+    with sqlite3.connect(env["JWTAUTH_DATABASE"]) as conn:
+        sessions = conn.execute("select revoked_at is not null from sessions").fetchall()
+        tokens = conn.execute("select count(*) from refresh_tokens").fetchone()[0]
+    assert (sessions, tokens) == ([(1,)], 0)
+
+
+# Revoke (RFC 7009)
+
+
+def test_revoke_a_refresh_token_ends_its_session(strict: TestClient, alice: Account) -> None:
+    pair = login(strict, alice.email)
+    other = login(strict, alice.email)
+
+    response = strict.post("/revoke", data={"token": pair["refresh_token"], "token_type_hint": "refresh_token"})
+
+    assert (response.status_code, response.json()) == (200, {})
+    assert_invalid_grant(refresh(strict, pair["refresh_token"]))
+    assert strict.get("/userinfo", headers=bearer(pair["access_token"])).status_code == 401
+    assert refresh(strict, other["refresh_token"]).status_code == 200
+
+
+def test_revoke_an_access_token_ends_its_session(strict: TestClient, alice: Account) -> None:
+    pair = login(strict, alice.email)
+
+    response = strict.post("/revoke", json={"token": pair["access_token"], "token_type_hint": "access_token"})
+
+    assert response.status_code == 200
+    assert_invalid_grant(refresh(strict, pair["refresh_token"]))
+    assert strict.get("/userinfo", headers=bearer(pair["access_token"])).status_code == 401
+
+
+@pytest.mark.parametrize("token", ["unknown-token", "eyJhbGciOiJub25lIn0.eyJzaWQiOiJ4In0.", "a.b.c", "x" * 4000])
+def test_revoke_an_unknown_or_malformed_token_is_200_and_changes_nothing(
+    strict: TestClient, settings: Settings, alice: Account, token: str
+) -> None:
+    pair = login(strict, alice.email)
+    before = table_counts(settings.db_path)
+
+    response = strict.post("/revoke", data={"token": token})
+
+    assert (response.status_code, response.json()) == (200, {})
+    assert table_counts(settings.db_path) == before
+    assert refresh(strict, pair["refresh_token"]).status_code == 200
+
+
+def test_revoke_an_already_revoked_token_is_200(strict: TestClient, alice: Account) -> None:
+    pair = login(strict, alice.email)
+    strict.post("/revoke", data={"token": pair["refresh_token"]})
+
+    response = strict.post("/revoke", data={"token": pair["refresh_token"]})
+
+    assert (response.status_code, response.json()) == (200, {})
+
+
+@pytest.mark.parametrize("body", [{}, {"token": ""}, {"token": 1}, {"token_type_hint": "refresh_token"}])
+def test_revoke_without_a_token_is_invalid_request(
+    strict: TestClient, settings: Settings, alice: Account, body: dict[str, object]
+) -> None:
+    login(strict, alice.email)
+    before = table_counts(settings.db_path)
+
+    response = strict.post("/revoke", json=body)
+
+    assert (response.status_code, response.json()["error"]) == (400, "invalid_request")
+    assert table_counts(settings.db_path) == before
+
+
+# Logout
+
+
+def test_logout_local_ends_only_the_bearers_session(strict: TestClient, alice: Account) -> None:
+    one, two = login(strict, alice.email), login(strict, alice.email)
+
+    response = strict.post("/logout", headers=bearer(one["access_token"]))
+
+    assert (response.status_code, response.content) == (204, b"")
+    assert_invalid_grant(refresh(strict, one["refresh_token"]))
+    assert strict.get("/userinfo", headers=bearer(one["access_token"])).status_code == 401
+    assert strict.get("/userinfo", headers=bearer(two["access_token"])).status_code == 200
+    assert refresh(strict, two["refresh_token"]).status_code == 200
+
+
+def test_logout_global_ends_every_session_of_the_user(strict: TestClient, settings: Settings, alice: Account) -> None:
+    one, two = login(strict, alice.email), login(strict, alice.email)
+    bob = add_user(settings, "bob@example.com")
+    bobs = login(strict, bob.email)
+
+    response = strict.post("/logout", headers=bearer(one["access_token"]), data={"scope": "global"})
+
+    assert response.status_code == 204
+    for pair in (one, two):
+        assert_invalid_grant(refresh(strict, pair["refresh_token"]))
+        assert strict.get("/userinfo", headers=bearer(pair["access_token"])).status_code == 401
+    assert refresh(strict, bobs["refresh_token"]).status_code == 200
+
+
+def test_logout_takes_scope_as_json(strict: TestClient, alice: Account) -> None:
+    one, two = login(strict, alice.email), login(strict, alice.email)
+
+    assert strict.post("/logout", headers=bearer(one["access_token"]), json={"scope": "global"}).status_code == 204
+    assert_invalid_grant(refresh(strict, two["refresh_token"]))
+
+
+@pytest.mark.parametrize("body", [{"scope": "everything"}, {"scope": 1}, {"scope": ""}])
+def test_logout_with_a_bad_scope_is_invalid_request_and_ends_nothing(
+    strict: TestClient, alice: Account, body: dict[str, object]
+) -> None:
+    pair = login(strict, alice.email)
+
+    response = strict.post("/logout", headers=bearer(pair["access_token"]), json=body)
+
+    assert (response.status_code, response.json()["error"]) == (400, "invalid_request")
+    assert refresh(strict, pair["refresh_token"]).status_code == 200
+
+
+def test_logout_without_a_valid_bearer_is_401(strict: TestClient, alice: Account) -> None:
+    pair = login(strict, alice.email)
+
+    for headers in ({}, bearer("nonsense"), bearer(pair["refresh_token"])):
+        response = strict.post("/logout", headers=headers)
+        assert (response.status_code, response.json()["error"]) == (401, "invalid_token")
+        assert response.headers["www-authenticate"] == 'Bearer error="invalid_token"'
+    assert refresh(strict, pair["refresh_token"]).status_code == 200
+
+
+def test_logout_twice_is_401_the_second_time(strict: TestClient, alice: Account) -> None:
+    pair = login(strict, alice.email)
+    strict.post("/logout", headers=bearer(pair["access_token"]))
+
+    assert strict.post("/logout", headers=bearer(pair["access_token"])).status_code == 401
+
+
+# The CLI ends sessions
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("users", "revoke-sessions", "alice@example.com"),
+        ("users", "disable", "alice@example.com"),
+        ("users", "passwd", "alice@example.com", "--password-stdin"),
+    ],
+)
+def test_cli_ends_every_session(env: dict[str, str], clock: Clock, alice: Account, command: tuple[str, ...]) -> None:
+    with make_client(env, clock) as client:
+        pairs = [login(client, alice.email), login(client, alice.email)]
+
+        result = run_cli(*command, env=env, stdin="a brand new password\n")
+
+        assert result.returncode == 0, result.stderr
+        for pair in pairs:
+            assert_invalid_grant(refresh(client, pair["refresh_token"]))
+            assert client.get("/userinfo", headers=bearer(pair["access_token"])).status_code == 401
+
+
+def test_disabled_user_cannot_refresh_even_after_reenabling_the_old_session(
+    env: dict[str, str], clock: Clock, alice: Account
+) -> None:
+    with make_client(env, clock) as client:
+        pair = login(client, alice.email)
+        run_cli("users", "disable", alice.email, env=env)
+        assert_invalid_grant(refresh(client, pair["refresh_token"]))
+        run_cli("users", "enable", alice.email, env=env)
+
+        assert_invalid_grant(refresh(client, pair["refresh_token"]))
+        assert login(client, alice.email)["token_type"] == "Bearer"
+
+
+# Clean-up
+
+
+def test_rows_stay_bounded_over_5000_rotations(strict: TestClient, settings: Settings, alice: Account) -> None:
+    pairs = [login(strict, alice.email), login(strict, alice.email)]
+
+    for round_ in range(2500):
+        for index, pair in enumerate(pairs):
+            response = refresh(strict, pair["refresh_token"])
+            assert response.status_code == 200, (round_, response.text)
+            pairs[index] = response.json()
+
+    counts = table_counts(settings.db_path)
+    assert counts["sessions"] == 2
+    assert counts["refresh_tokens"] <= 2 * 2  # per live session: the live token and the one it replaced
+
+
+def test_expired_tokens_and_ended_sessions_are_deleted(env: dict[str, str], clock: Clock, alice: Account) -> None:
+    with make_client(env, clock, refresh_ttl="60") as client:
+        login(client, alice.email)
+        revoked = login(client, alice.email)
+        client.post("/revoke", data={"token": revoked["refresh_token"]})
+        live = login(client, alice.email)
+        clock.advance(30)
+        live = refresh(client, live["refresh_token"]).json()
+    clock.advance(1000)  # past the first session's expiry and the revoked one's access tokens
+
+    with make_client(env, clock, refresh_ttl="2000") as client:  # a start sweeps
+        counts = table_counts(Path(env["JWTAUTH_DATABASE"]))
+
+        assert refresh(client, live["refresh_token"]).status_code == 400  # it had expired: 60 s TTL
+    assert (counts["sessions"], counts["refresh_tokens"]) == (0, 0)
+
+
+def test_sweep_keeps_live_sessions(env: dict[str, str], clock: Clock, alice: Account) -> None:
+    with make_client(env, clock) as client:
+        pair = login(client, alice.email)
+    clock.advance(3600)
+
+    with make_client(env, clock) as client:
+        assert refresh(client, pair["refresh_token"]).status_code == 200
+
+
+# Audit trail
+
+
+def test_each_action_logs_one_audit_event_without_secrets(
+    strict: TestClient, alice: Account, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    pair = login(strict, alice.email)
+    strict.post("/login", json={"email": alice.email, "password": "wrong password"})
+    second = refresh(strict, pair["refresh_token"]).json()
+    refresh(strict, pair["refresh_token"])  # reuse: the family is revoked
+    third = login(strict, alice.email)
+    strict.post("/revoke", data={"token": third["refresh_token"]})
+    fourth = login(strict, alice.email)
+    strict.post("/logout", headers=bearer(fourth["access_token"]))
+
+    events = [getattr(record, "event", None) for record in caplog.records if record.name == "jwtauth.audit"]
+    assert events == [
+        "login_succeeded",
+        "login_failed",
+        "refresh",
+        "refresh_reuse_detected",
+        "login_succeeded",
+        "revoke",
+        "login_succeeded",
+        "logout",
+    ]
+    text = caplog.text
+    secrets = [alice.password, "wrong password"]
+    secrets += [str(p[k]) for p in (pair, second, third, fourth) for k in ("access_token", "refresh_token")]
+    assert not [secret for secret in secrets if secret in text]
