@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -294,23 +295,24 @@ def open_service(settings: Settings, clock: Callable[[], float] = time.time) -> 
     """
     store = Store(settings.db_path)
     store.migrate()
-    keyset = KeyStore(settings.keys_dir, settings.keys_passphrase, settings.key_size).load_or_create(int(clock()))
-    service = AuthService(settings, store, keyset, PasswordHasher(settings.argon2), clock)
+    service = AuthService(settings, store, KeyStore.from_settings(settings), PasswordHasher(settings.argon2), clock)
     service.clean_up()
     return service
 
 
-CLEAN_UP_EVERY = 60.0  # seconds between sweeps of expired refresh tokens and ended sessions
+CLEAN_UP_EVERY = 60  # seconds between sweeps of expired refresh tokens and ended sessions
 
 
 async def maintain(service: AuthService) -> None:
-    """Sweep expired tokens and ended sessions every minute, in every worker (open_service swept at start)."""
-    while True:
-        await anyio.sleep(CLEAN_UP_EVERY)
+    """In every worker: look at the key set once a second (API.md), sweep the database once a minute."""
+    for tick in itertools.count(1):
+        await anyio.sleep(1)
         try:
-            await anyio.to_thread.run_sync(service.clean_up)
-        except Exception:  # a locked or failing database must not end the loop; the next sweep tries again
-            log.exception("clean-up failed")
+            await anyio.to_thread.run_sync(service.maintain_keys)
+            if tick % CLEAN_UP_EVERY == 0:
+                await anyio.to_thread.run_sync(service.clean_up)
+        except Exception:  # a locked database or unreadable key file must not end the loop: try again later
+            log.exception("maintenance failed; the server goes on with the keys it has")
 
 
 def create_app(settings: Settings, clock: Callable[[], float] = time.time) -> Starlette:

@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 
 from jwtauth.config import OVERRIDABLE, Settings
-from jwtauth.errors import AuthError, ConfigError, KeyStoreError, StoreError
-from jwtauth.keys import KeyStore
+from jwtauth.errors import AuthError, ConfigError, KeyStoreError, RotationTooEarlyError, StoreError
+from jwtauth.keys import KeyEntry, KeyPolicy, KeyStore
 from jwtauth.passwords import PasswordHasher
 from jwtauth.service import UserAdmin
 from jwtauth.store import Store
@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     keys = verbs.add_parser("keys", help="manage signing keys").add_subparsers(dest="action", required=True)
     keys.add_parser("list", parents=[config]).add_argument("--json", action="store_true")
+    rotate = keys.add_parser("rotate", parents=[config], help="promote the next key to current now")
+    rotate.add_argument("--force", action="store_true", help="rotate even if the next key is too young (a leak)")
+    keys.add_parser("prune", parents=[config], help="delete retired keys whose tokens have all expired")
     return parser
 
 
@@ -134,18 +137,46 @@ def manage_users(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def manage_keys(settings: Settings, args: argparse.Namespace) -> int:
-    keyset = KeyStore(settings.keys_dir, settings.keys_passphrase, settings.key_size).load_or_create(int(time.time()))
-    rows = [
-        {"kid": key.kid, "state": key.state, "alg": "RS256", "size": key.private_key.key_size,
-         "created_at": _iso(key.created_at)}
-        for key in keyset.keys
-    ]  # fmt: skip
-    if args.json:
-        print(json.dumps(rows, indent=2))
+    keystore = KeyStore.from_settings(settings)
+    now = int(time.time())
+    keyset = keystore.load_or_create(now)
+    if args.action == "rotate":
+        try:
+            keyset = keystore.rotate(now, force=args.force)
+        except RotationTooEarlyError as exc:
+            raise CommandError(
+                f"the next key is in the JWKS for less than JWTAUTH_JWKS_MAX_AGE; rotate can run from"
+                f" {_iso(exc.signs_from)} (in {exc.signs_from - now} s), or now with --force for a leaked key"
+            ) from None
+        print(f"rotated: {keyset.current.kid} signs from now on")
+    elif args.action == "prune":
+        deleted = keystore.prune(now)
+        print(f"deleted {', '.join(deleted)}" if deleted else "nothing to delete")
     else:
-        for row in rows:
-            print("\t".join(str(value) for value in row.values()))
+        rows = [key_row(entry, keystore.policy) for entry in keyset.entries]
+        print(json.dumps(rows, indent=2) if args.json else "\n".join("\t".join(map(str, r.values())) for r in rows))
     return 0
+
+
+def key_row(entry: KeyEntry, policy: KeyPolicy) -> dict[str, object]:
+    """One key as `keys list` shows it: the metadata, and the next instant of its lifecycle."""
+    row: dict[str, object] = {
+        "kid": entry.kid,
+        "state": entry.state,
+        "alg": "RS256",
+        "size": entry.size,
+        "created_at": _iso(entry.created_at),
+    }
+    if entry.activated_at is not None:
+        row["activated_at"] = _iso(entry.activated_at)
+    if entry.retired_at is not None:
+        row["retired_at"] = _iso(entry.retired_at)
+    milestones = {"next": ("signs_from", entry.signs_from(policy)), "current": ("rotates_at", entry.rotates_at(policy)),
+                  "retired": ("deletes_at", entry.deletes_at(policy))}  # fmt: skip
+    name, instant = milestones[entry.state]
+    if instant is not None:
+        row[name] = _iso(instant)
+    return row
 
 
 def _iso(timestamp: int) -> str:

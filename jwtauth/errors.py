@@ -64,3 +64,11 @@ class KeyStoreError(Exception):
 
 class StoreError(Exception):
     """The database cannot be opened or migrated; the server does not start."""
+
+
+class RotationTooEarlyError(KeyStoreError):
+    """A rotation that would make a key sign before it has been published for the JWKS max-age."""
+
+    def __init__(self, signs_from: int) -> None:
+        super().__init__(f"the next key may sign only from {signs_from} (unix time)")
+        self.signs_from = signs_from

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from jwtauth.config import CLIENT_ID, Settings
 from jwtauth.errors import InvalidGrantError, InvalidRequestError, InvalidTokenError
-from jwtauth.keys import KeySet
+from jwtauth.keys import KeyStore
 from jwtauth.passwords import MAX_PASSWORD_LENGTH, MIN_PASSWORD_LENGTH, PasswordHasher
 from jwtauth.store import Store, User
 from jwtauth.tokens import (
@@ -66,13 +66,16 @@ class AuthService:
         self,
         settings: Settings,
         store: Store,
-        keyset: KeySet,
+        keystore: KeyStore,
         hasher: PasswordHasher,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        """Raises:
+        KeyStoreError: the keys cannot be loaded or created."""
         self.settings = settings
         self.store = store
-        self.keyset = keyset
+        self.keystore = keystore
+        self.keyset = keystore.load_or_create(int(clock()))
         self.hasher = hasher
         self.clock = clock
 
@@ -153,6 +156,14 @@ class AuthService:
             self.store.revoke_user_sessions(user.id, self.now())
         audit("logout", user=user.id, sid=claims["sid"], scope=scope)
 
+    def maintain_keys(self) -> None:
+        """Pick up a key set changed by another process, rotate on schedule, prune; once a second.
+
+        Raises:
+            KeyStoreError: the set on disk cannot be read; the one in use stays.
+        """
+        self.keyset = self.keystore.maintain(self.keyset, self.now())
+
     def clean_up(self) -> None:
         """Delete expired refresh tokens, and sessions that are over: revoked for longer than an access
         token lives (so nothing can still refer to them), or without a live refresh token."""
@@ -180,6 +191,7 @@ class AuthService:
             issuer=self.settings.issuer,
             audience=self.settings.audience,
             leeway=self.settings.leeway,
+            now=self.clock(),
         )
 
     def _start_session(self, user: User) -> TokenPair:
@@ -204,8 +216,8 @@ class AuthService:
             sid=session_id,
             email=user.email,
         )
-        key = self.keyset.current
-        return sign_access_token(claims, key.kid, key.private_key)
+        kid, private_key = self.keyset.signing_key
+        return sign_access_token(claims, kid, private_key)
 
 
 class UserAdmin:

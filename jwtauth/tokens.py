@@ -44,11 +44,14 @@ def verify_access_token(
     issuer: str,
     audience: str,
     leeway: int,
+    now: float,
 ) -> AccessClaims:
-    """Check an access token's header, signature and claims; return the claims.
+    """Check an access token's header, signature and claims at time `now`; return the claims.
 
     Only RS256 with `typ` at+jwt and a `kid` that public_key_for knows is accepted; `jku`, `x5u`
-    and embedded `jwk` headers are ignored, since keys come only from public_key_for.
+    and embedded `jwk` headers are ignored, since keys come only from public_key_for. PyJWT checks the
+    signature, `iss`, `aud` and presence; the times are checked here against `now`, since PyJWT reads the
+    system clock and the server's clock is injected.
 
     Raises:
         InvalidTokenError: for any failure; the description says which check failed, for logs only.
@@ -73,11 +76,17 @@ def verify_access_token(
             algorithms=[ALGORITHM],
             issuer=issuer,
             audience=audience,
-            leeway=leeway,
-            options={"require": REQUIRED_CLAIMS},
+            options={"require": REQUIRED_CLAIMS, "verify_exp": False, "verify_nbf": False, "verify_iat": False},
         )
     except jwt.PyJWTError as exc:
         raise InvalidTokenError(f"rejected: {exc}") from exc
+    exp, nbf, iat = claims["exp"], claims["nbf"], claims["iat"]
+    if not all(isinstance(value, int) and not isinstance(value, bool) for value in (exp, nbf, iat)):
+        raise InvalidTokenError("exp, nbf and iat must be integers")  # RFC 7519 NumericDate; ours are whole
+    if exp <= now - leeway:
+        raise InvalidTokenError("expired")
+    if nbf > now + leeway or iat > now + leeway:
+        raise InvalidTokenError("not yet valid")
     if not isinstance(claims["sub"], str) or not isinstance(claims["sid"], str):
         raise InvalidTokenError("malformed claims")
     return cast(AccessClaims, claims)

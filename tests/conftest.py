@@ -44,7 +44,7 @@ class Account:
 def keys_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A key set made once per run; each test gets its own copy (RSA generation is slow)."""
     directory = tmp_path_factory.mktemp("template") / "keys"
-    KeyStore(directory, None, 2048).load_or_create(int(time.time()))
+    KeyStore.from_settings(Settings(keys_dir=directory)).load_or_create(int(time.time()))
     return directory
 
 

@@ -21,7 +21,7 @@ from jwtauth.passwords import PasswordHasher
 from jwtauth.service import UserAdmin
 from jwtauth.store import Store
 
-from .conftest import PASSWORD, Account, add_user, login, table_counts
+from .conftest import PASSWORD, Account, Clock, add_user, bearer, login, table_counts
 
 TOKEN_FIELDS = {"access_token", "token_type", "expires_in", "refresh_token", "refresh_expires_in"}
 
@@ -265,11 +265,14 @@ def test_userinfo_without_a_token_is_401(client: TestClient) -> None:
 
 
 def test_userinfo_rejects_an_expired_token(env: dict[str, str], alice: Account) -> None:
-    settings = Settings.from_env(env)
-    an_hour_ago = time.time() - 3600
-    with TestClient(create_app(settings, clock=lambda: an_hour_ago)) as client:
+    clock = Clock()
+    with TestClient(create_app(Settings.from_env(env), clock=clock)) as client:
         token = login(client, alice.email)["access_token"]
-        response = client.get("/userinfo", headers={"Authorization": f"Bearer {token}"})
+        clock.advance(900 + 30 - 1)  # just inside the access TTL plus the leeway
+        assert client.get("/userinfo", headers=bearer(token)).status_code == 200
+        clock.advance(1)
+
+        response = client.get("/userinfo", headers=bearer(token))
 
     assert_error(response, 401, "invalid_token")
 
