@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import ipaddress
 import itertools
 import json
 import logging
@@ -22,12 +24,13 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from jwtauth.config import Settings
+from jwtauth.config import IPNetwork, Settings
 from jwtauth.errors import (
     AuthError,
     BodyTooLargeError,
     InvalidRequestError,
     InvalidTokenError,
+    SlowDownError,
     UnsupportedGrantTypeError,
     UnsupportedMediaTypeError,
 )
@@ -112,6 +115,28 @@ def _is_utf8(value: str) -> bool:
     return True
 
 
+class RequestId:
+    """Give every request an id, in `request.state.request_id` and the `X-Request-ID` response header,
+    so that a client's report of an error can be found in the log."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
 class BodyLimit:
     """Refuse request bodies over a limit with 413, whether announced by Content-Length or sent chunked."""
 
@@ -157,6 +182,8 @@ async def render_auth_error(request: Request, exc: Exception) -> Response:
     if exc.status_code == 401:
         log.info("bearer token rejected: %s", exc.description)  # the client is told only invalid_token
         exc = InvalidTokenError("the access token is invalid, expired or revoked")
+    if isinstance(exc, SlowDownError):
+        return _error_response(exc, {"Retry-After": str(exc.retry_after)})
     return _error_response(exc)
 
 
@@ -173,8 +200,8 @@ async def render_http_error(request: Request, exc: Exception) -> Response:
 
 
 async def render_server_error(request: Request, exc: Exception) -> Response:
-    """Log an unexpected exception under a request id; the client gets the id, never the traceback."""
-    request_id = uuid.uuid4().hex
+    """Log an unexpected exception under the request id; the client gets the id, never the traceback."""
+    request_id = request.scope.get("state", {}).get("request_id", "-")
     log.error("unhandled error, request_id=%s", request_id, exc_info=exc)
     body = {"error": "server_error", "error_description": "internal error", "request_id": request_id}
     return JSONResponse(body, 500, {"Cache-Control": "no-store"})
@@ -203,9 +230,28 @@ async def login(request: Request) -> Response:
 async def _password_login(request: Request, email: str, params: Mapping[str, object]) -> Response:
     password = text_param(params, "password", MAX_PASSWORD_LENGTH)
     service: AuthService = request.state.service
+    address = client_address(request, service.settings.trusted_proxies)
     # Argon2 runs in a worker thread, at most one per core, so the event loop keeps serving.
-    pair = await anyio.to_thread.run_sync(service.login, email, password, limiter=request.state.hash_limiter)
-    return token_response(pair)
+    login = functools.partial(service.login, email, password, address)
+    return token_response(await anyio.to_thread.run_sync(login, limiter=request.state.hash_limiter))
+
+
+def client_address(request: Request, trusted_proxies: tuple[IPNetwork, ...]) -> str:
+    """The client's address: the peer's, or, when the peer is a trusted proxy, the nearest address in
+    X-Forwarded-For that is not a trusted proxy (the ones to its left could be made up by the client)."""
+    peer = request.client.host if request.client else ""
+    if not _is_trusted(peer, trusted_proxies):
+        return peer
+    hops = [hop.strip() for header in request.headers.getlist("x-forwarded-for") for hop in header.split(",")]
+    return next((hop for hop in reversed(hops) if hop and not _is_trusted(hop, trusted_proxies)), peer)
+
+
+def _is_trusted(address: str, trusted_proxies: tuple[IPNetwork, ...]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in trusted_proxies)
 
 
 async def refresh(request: Request) -> Response:
@@ -353,6 +399,7 @@ def create_app(settings: Settings, clock: Callable[[], float] = time.time) -> St
         },
     )
     app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
+    app.add_middleware(RequestId)
     return app
 
 

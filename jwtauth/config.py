@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -12,13 +13,16 @@ import argon2
 
 from jwtauth.errors import ConfigError
 
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
 KEY_SIZES = (2048, 3072, 4096)
 # The JWTAUTH_* variables that a CLI flag of the same name may override (`--keys-dir` for JWTAUTH_KEYS_DIR).
 # JWTAUTH_KEYS_PASSPHRASE is left out on purpose: a secret on the command line shows in `ps`.
 OVERRIDABLE = (
     "DATABASE", "KEYS_DIR", "ISSUER", "AUDIENCE", "ACCESS_TTL", "REFRESH_TTL", "REFRESH_REUSE_INTERVAL",
     "LEEWAY", "KEY_SIZE", "KEY_ROTATE_EVERY", "JWKS_MAX_AGE", "ARGON2_TIME_COST", "ARGON2_MEMORY_KIB",
-    "ARGON2_PARALLELISM", "LOGIN_MAX_FAILURES", "LOGIN_WINDOW", "OPEN_REGISTRATION", "PASSWORD_GRANT",
+    "ARGON2_PARALLELISM", "LOGIN_MAX_FAILURES", "LOGIN_WINDOW", "LOGIN_MAX_FAILURES_PER_ADDRESS",
+    "TRUSTED_PROXIES", "OPEN_REGISTRATION", "PASSWORD_GRANT",
 )  # fmt: skip
 CLIENT_ID = "jwtauth"  # the first-party client every token is issued to (RFC 9068 §2.2 client_id)
 
@@ -42,6 +46,8 @@ class Settings:
     argon2: argon2.Parameters = field(default_factory=argon2.profiles.get_default_parameters, repr=False)
     login_max_failures: int = 5
     login_window: int = 900
+    login_max_failures_per_address: int = 50  # across all emails: a ceiling on credential stuffing
+    trusted_proxies: tuple[IPNetwork, ...] = ()  # peers whose X-Forwarded-For is believed
     open_registration: bool = False
     password_grant: bool = False
 
@@ -86,6 +92,10 @@ class Settings:
             argon2=argon2_params,
             login_max_failures=reader.number("LOGIN_MAX_FAILURES", defaults.login_max_failures, minimum=1),
             login_window=reader.number("LOGIN_WINDOW", defaults.login_window, minimum=1),
+            login_max_failures_per_address=reader.number(
+                "LOGIN_MAX_FAILURES_PER_ADDRESS", defaults.login_max_failures_per_address, minimum=1
+            ),
+            trusted_proxies=reader.networks("TRUSTED_PROXIES"),
             open_registration=reader.flag("OPEN_REGISTRATION", defaults.open_registration),
             password_grant=reader.flag("PASSWORD_GRANT", defaults.password_grant),
         )
@@ -114,6 +124,15 @@ class _Reader:
         if value < minimum:
             raise ConfigError(f"JWTAUTH_{name} must be at least {minimum}, not {value}")
         return value
+
+    def networks(self, name: str) -> tuple[IPNetwork, ...]:
+        raw = self.env.get(f"JWTAUTH_{name}", "")
+        try:
+            return tuple(ipaddress.ip_network(item.strip(), strict=False) for item in raw.split(",") if item.strip())
+        except ValueError:
+            raise ConfigError(
+                f"JWTAUTH_{name} must be IP addresses or networks, comma-separated, not {raw!r}"
+            ) from None
 
     def flag(self, name: str, default: bool) -> bool:
         raw = self.env.get(f"JWTAUTH_{name}")

@@ -54,6 +54,16 @@ class BodyTooLargeError(AuthError):
     status_code = 413
 
 
+class SlowDownError(AuthError):
+    """Too many failed logins for this email from this address; retry after `retry_after` seconds."""
+
+    error, status_code = "slow_down", 429
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__("too many failed logins; try again later")
+        self.retry_after = retry_after
+
+
 class ConfigError(Exception):
     """A configuration value that cannot be used; the server does not start."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import time
@@ -9,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from jwtauth.config import CLIENT_ID, Settings
-from jwtauth.errors import InvalidGrantError, InvalidRequestError, InvalidTokenError
+from jwtauth.errors import InvalidGrantError, InvalidRequestError, InvalidTokenError, SlowDownError
 from jwtauth.keys import KeyStore
 from jwtauth.passwords import MAX_PASSWORD_LENGTH, MIN_PASSWORD_LENGTH, PasswordHasher
 from jwtauth.store import Store, User
@@ -82,13 +83,28 @@ class AuthService:
     def now(self) -> int:
         return int(self.clock())
 
-    def login(self, email: str, password: str) -> TokenPair:
-        """Check the credentials and start a session; blocking (one Argon2 verification).
+    def login(self, email: str, password: str, address: str) -> TokenPair:
+        """Check the credentials of a client at `address` and start a session; blocking (one Argon2 verify).
 
         Raises:
+            SlowDownError: too many failures for this email from this address, or from this address at all;
+                no password is checked.
             InvalidGrantError: unknown email, wrong password or disabled user, all alike.
         """
-        user = self.store.find_user_by_email(normalise_email(email))
+        email = normalise_email(email)
+        # Unknown emails are counted like known ones, so that a 429 tells nothing about who has an account.
+        pair_key, address_key = _throttle_key(email, address), _throttle_key("", address)
+        limits = {pair_key: self.settings.login_max_failures, address_key: self.settings.login_max_failures_per_address}
+        retry_after = self.store.take_login_attempt(limits, self.now(), self.settings.login_window)
+        if retry_after is not None:
+            audit("login_throttled", address=address)
+            raise SlowDownError(retry_after)
+        pair = self._check_credentials(email, password)
+        self.store.forgive_login_attempt(reset=pair_key, release=address_key)
+        return pair
+
+    def _check_credentials(self, email: str, password: str) -> TokenPair:
+        user = self.store.find_user_by_email(email)
         if user is None:
             self.hasher.verify_dummy(password)  # as long as a wrong password takes
             audit("login_failed", reason="unknown_email")
@@ -168,7 +184,8 @@ class AuthService:
         """Delete expired refresh tokens, and sessions that are over: revoked for longer than an access
         token lives (so nothing can still refer to them), or without a live refresh token."""
         now = self.now()
-        tokens, sessions = self.store.delete_expired(now, now - self.settings.access_ttl - self.settings.leeway)
+        revoked_before = now - self.settings.access_ttl - self.settings.leeway
+        tokens, sessions = self.store.delete_expired(now, revoked_before, now - self.settings.login_window)
         if tokens or sessions:
             log.debug("deleted %d expired refresh tokens and %d ended sessions", tokens, sessions)
 
@@ -284,6 +301,10 @@ class UserAdmin:
         count = self.store.revoke_user_sessions(user.id, self.now())
         audit("sessions_revoked", user=user.id, count=count)
         return count
+
+
+def _throttle_key(email: str, address: str) -> str:
+    return hashlib.sha256(f"{email}\x00{address}".encode()).hexdigest()
 
 
 def check_email(email: str) -> str:

@@ -46,6 +46,15 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "create index refresh_tokens_by_session on refresh_tokens(session_id)",
     ),
+    (
+        # Login attempts per (email, client address) and per address, in fixed windows. The key is a
+        # SHA-256, so the table does not keep the emails that were tried.
+        """create table login_attempts (
+            key text primary key,
+            window_start integer not null,
+            attempts integer not null
+        )""",
+    ),
 )
 
 
@@ -266,10 +275,12 @@ class Store:
         with self._write() as db:
             return _revoke_sessions(db, "user_id = ?", [user_id], now)
 
-    def delete_expired(self, now: int, revoked_before: int) -> tuple[int, int]:
+    def delete_expired(self, now: int, revoked_before: int, attempts_before: int) -> tuple[int, int]:
         """Delete expired refresh tokens, then sessions revoked before `revoked_before` or left without
-        any refresh token; return (tokens, sessions) deleted."""
+        any refresh token, and login-attempt windows opened before `attempts_before`; return the number
+        of (tokens, sessions) deleted."""
         with self._write() as db:
+            db.execute("delete from login_attempts where window_start <= ?", [attempts_before])
             tokens = db.execute("delete from refresh_tokens where expires_at <= ?", [now]).rowcount
             sessions = db.execute(
                 "delete from sessions where revoked_at <= ? or (revoked_at is null and not exists"
@@ -277,6 +288,36 @@ class Store:
                 [revoked_before],
             ).rowcount
         return tokens, sessions
+
+    def take_login_attempt(self, limits: dict[str, int], now: int, window: int) -> int | None:
+        """Count one login attempt under each key, unless a key has reached its limit in the current window.
+
+        The attempt is counted before the password is checked, in one write transaction, so that
+        concurrent guesses from any number of workers never get more checks than the limit.
+        Returns None if the attempt may go on, else the seconds until the earliest window that blocks it ends.
+        """
+        with self._write() as db:
+            rows = {
+                key: db.execute("select window_start, attempts from login_attempts where key = ?", [key]).fetchone()
+                for key in limits
+            }
+            live = {key: row for key, row in rows.items() if row is not None and row[0] + window > now}
+            blocked = [int(row[0]) + window - now for key, row in live.items() if row[1] >= limits[key]]
+            if blocked:
+                return max(blocked)
+            for key in limits:
+                start, attempts = live.get(key, (now, 0))
+                db.execute(
+                    "insert or replace into login_attempts (key, window_start, attempts) values (?, ?, ?)",
+                    [key, start, attempts + 1],
+                )
+        return None
+
+    def forgive_login_attempt(self, reset: str, release: str) -> None:
+        """After a successful login: clear the count under `reset`, take back one attempt under `release`."""
+        with self._write() as db:
+            db.execute("delete from login_attempts where key = ?", [reset])
+            db.execute("update login_attempts set attempts = max(attempts - 1, 0) where key = ?", [release])
 
     def find_session_user(self, session_id: str) -> User | None:
         """Return the user of a session that exists and is not revoked, if that user is not disabled."""

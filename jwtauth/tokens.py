@@ -9,12 +9,14 @@ from typing import Any, TypedDict, cast
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric import rsa
+from jwt.algorithms import RSAAlgorithm
 
 from jwtauth.errors import InvalidTokenError
 
 ALGORITHM = "RS256"
 ACCESS_TOKEN_TYPES = ("at+jwt", "application/at+jwt")  # RFC 9068 §4: compared case-insensitively
 REQUIRED_CLAIMS = ["iss", "sub", "aud", "exp", "iat", "nbf", "jti", "client_id", "sid"]
+MIN_KEY_BITS = 2048  # RFC 7518 §3.3: RS256 keys of 2048 bits or more
 
 
 class AccessClaims(TypedDict):
@@ -90,6 +92,43 @@ def verify_access_token(
     if not isinstance(claims["sub"], str) or not isinstance(claims["sid"], str):
         raise InvalidTokenError("malformed claims")
     return cast(AccessClaims, claims)
+
+
+def read_kid(token: str) -> str | None:
+    """Return the `kid` of a token's header, unverified: None if the token is malformed or names none."""
+    try:
+        kid = jwt.get_unverified_header(token).get("kid")
+    except jwt.PyJWTError:
+        return None
+    return kid if isinstance(kid, str) else None
+
+
+def public_keys_of(jwks: object) -> dict[str, rsa.RSAPublicKey]:
+    """Return the RS256 signature keys of a JWKS document by `kid`.
+
+    Members that are not RSA, not for signatures, for another algorithm, without a `kid`, shorter than
+    2048 bits or malformed are skipped (RFC 7517 §5: a JWK Set user ignores the keys it does not
+    understand). Only `n` and `e` are read, so a private member sent by mistake is never used.
+
+    Raises:
+        ValueError: the document is not a JSON object with a `keys` array.
+    """
+    members = jwks.get("keys") if isinstance(jwks, dict) else None
+    if not isinstance(members, list):
+        raise ValueError("not a JWK Set: no keys array")
+    found: dict[str, rsa.RSAPublicKey] = {}
+    for jwk in members:
+        if not isinstance(jwk, dict) or jwk.get("kty") != "RSA" or not isinstance(jwk.get("kid"), str):
+            continue
+        if jwk.get("use", "sig") != "sig" or jwk.get("alg", ALGORITHM) != ALGORITHM:
+            continue
+        try:
+            key = RSAAlgorithm.from_jwk({"kty": "RSA", "n": jwk.get("n"), "e": jwk.get("e")})
+        except (jwt.PyJWTError, ValueError, TypeError):
+            continue
+        if isinstance(key, rsa.RSAPublicKey) and key.key_size >= MIN_KEY_BITS:
+            found[jwk["kid"]] = key
+    return found
 
 
 def new_refresh_token() -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 
 import argon2
@@ -41,12 +42,18 @@ def test_every_variable_is_read() -> None:
         "JWTAUTH_KEY_SIZE": "3072", "JWTAUTH_KEY_ROTATE_EVERY": "86400", "JWTAUTH_JWKS_MAX_AGE": "60",
         "JWTAUTH_ARGON2_TIME_COST": "2", "JWTAUTH_ARGON2_MEMORY_KIB": "1024", "JWTAUTH_ARGON2_PARALLELISM": "2",
         "JWTAUTH_LOGIN_MAX_FAILURES": "3", "JWTAUTH_LOGIN_WINDOW": "60", "JWTAUTH_OPEN_REGISTRATION": "1",
-        "JWTAUTH_PASSWORD_GRANT": "1",
+        "JWTAUTH_PASSWORD_GRANT": "1", "JWTAUTH_LOGIN_MAX_FAILURES_PER_ADDRESS": "7",
+        "JWTAUTH_TRUSTED_PROXIES": "10.0.0.0/8, ::1",
     })  # fmt: skip
 
     assert settings == Settings(
-        Path("/srv/a.db"), Path("/srv/keys"), b"s3cret", "https://auth.example.com", "api", 60, 600, 0, 5, 3072,
-        86400, 60, argon2.Parameters(argon2.Type.ID, 19, 16, 32, 2, 1024, 2), 3, 60, True, True,
+        db_path=Path("/srv/a.db"), keys_dir=Path("/srv/keys"), keys_passphrase=b"s3cret",
+        issuer="https://auth.example.com", audience="api", access_ttl=60, refresh_ttl=600, refresh_reuse_interval=0,
+        leeway=5, key_size=3072, key_rotate_every=86400, jwks_max_age=60,
+        argon2=argon2.Parameters(argon2.Type.ID, 19, 16, 32, 2, 1024, 2), login_max_failures=3, login_window=60,
+        login_max_failures_per_address=7,
+        trusted_proxies=(ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("::1")),
+        open_registration=True, password_grant=True,
     )  # fmt: skip
 
 
@@ -64,6 +71,7 @@ def test_passphrase_is_not_in_the_repr() -> None:
         {"JWTAUTH_ARGON2_MEMORY_KIB": "8", "JWTAUTH_ARGON2_PARALLELISM": "2"},
         {"JWTAUTH_OPEN_REGISTRATION": "2"},
         {"JWTAUTH_DATABASE": " "},
+        {"JWTAUTH_TRUSTED_PROXIES": "10.0.0.0/8, proxy.internal"},
     ],
 )
 def test_bad_values_are_refused_naming_the_variable(env: dict[str, str]) -> None:

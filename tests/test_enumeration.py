@@ -1,0 +1,70 @@
+"""No user enumeration: unknown email, wrong password and disabled user look the same, in body and in time."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Iterator
+
+import httpx2 as httpx
+import pytest
+from starlette.testclient import TestClient
+
+from jwtauth.app import create_app
+from jwtauth.config import Settings
+from jwtauth.passwords import PasswordHasher
+from jwtauth.service import UserAdmin
+from jwtauth.store import Store
+
+from .conftest import add_user
+
+VARYING_HEADERS = {"x-request-id", "date"}
+
+
+@pytest.fixture
+def hashing(env: dict[str, str]) -> Iterator[tuple[TestClient, Settings]]:
+    """Argon2 costly enough (4 MiB) that a missing dummy verification would show; no throttling in the way."""
+    settings = Settings.from_env({
+        **env, "JWTAUTH_ARGON2_MEMORY_KIB": "4096", "JWTAUTH_LOGIN_MAX_FAILURES": "100000",
+        "JWTAUTH_LOGIN_MAX_FAILURES_PER_ADDRESS": "100000",
+    })  # fmt: skip
+    add_user(settings, "alice@example.com")
+    add_user(settings, "dora@example.com")
+    UserAdmin(Store(settings.db_path), PasswordHasher(settings.argon2)).set_disabled("dora@example.com", True)
+    with TestClient(create_app(settings)) as client:
+        yield client, settings
+
+
+def answer(response: httpx.Response) -> tuple[int, bytes, dict[str, str]]:
+    headers = {name: value for name, value in response.headers.items() if name not in VARYING_HEADERS}
+    return response.status_code, response.content, headers
+
+
+def test_unknown_wrong_and_disabled_get_the_same_answer(hashing: tuple[TestClient, Settings]) -> None:
+    client, _ = hashing
+    unknown = client.post("/login", json={"email": "nobody@example.com", "password": "guess one"})
+    wrong = client.post("/login", json={"email": "alice@example.com", "password": "guess one"})
+    disabled = client.post("/login", json={"email": "dora@example.com", "password": "correct horse battery"})
+
+    assert answer(unknown) == answer(wrong) == answer(disabled)
+    assert unknown.status_code == 400
+
+
+def timed_login(client: TestClient, email: str, password: str) -> float:
+    started = time.perf_counter()
+    client.post("/login", json={"email": email, "password": password})
+    return time.perf_counter() - started
+
+
+def test_unknown_email_takes_as_long_as_a_wrong_password(hashing: tuple[TestClient, Settings]) -> None:
+    client, _ = hashing
+    unknown, wrong, disabled = [], [], []
+    for _ in range(3):  # warm up
+        timed_login(client, "nobody@example.com", "guess one")
+    for _ in range(40):  # interleaved, so that load on the machine falls on all alike
+        unknown.append(timed_login(client, "nobody@example.com", "guess one"))
+        wrong.append(timed_login(client, "alice@example.com", "guess one"))
+        disabled.append(timed_login(client, "dora@example.com", "correct horse battery"))
+
+    assert 0.8 <= statistics.median(unknown) / statistics.median(wrong) <= 1.25
+    assert 0.8 <= statistics.median(disabled) / statistics.median(wrong) <= 1.25

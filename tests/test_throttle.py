@@ -1,0 +1,160 @@
+"""Login throttling: per email and client address, per address, shared by workers, behind trusted proxies."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import httpx2 as httpx
+import pytest
+from starlette.testclient import TestClient
+
+from jwtauth.app import create_app
+from jwtauth.config import Settings
+
+from .conftest import PASSWORD, Account, Clock, add_user, start_server, stop_server
+
+PROXY = ("10.0.0.2", 40000)  # the peer every request comes from: a reverse proxy we trust
+
+
+def attempt(
+    client: TestClient | httpx.Client, email: str, password: str, address: str = "203.0.113.7"
+) -> httpx.Response:
+    """A login from `address`, as the trusted proxy reports it."""
+    return client.post("/login", json={"email": email, "password": password}, headers={"X-Forwarded-For": address})
+
+
+def fail(client: TestClient | httpx.Client, email: str, times: int, address: str = "203.0.113.7") -> list[int]:
+    return [attempt(client, email, "wrong password", address).status_code for _ in range(times)]
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def proxied(env: dict[str, str], clock: Clock) -> Iterator[TestClient]:
+    settings = Settings.from_env({**env, "JWTAUTH_TRUSTED_PROXIES": "10.0.0.0/24", "JWTAUTH_PASSWORD_GRANT": "1"})
+    with TestClient(create_app(settings, clock=clock), client=PROXY) as client:
+        yield client
+
+
+def test_after_the_limit_even_the_right_password_gets_429(proxied: TestClient, alice: Account) -> None:
+    assert fail(proxied, alice.email, 5) == [400] * 5
+
+    response = attempt(proxied, alice.email, alice.password)
+
+    assert (response.status_code, response.json()["error"]) == (429, "slow_down")
+    assert response.json()["error_description"]
+    assert response.headers["retry-after"] == "900"
+    assert "access_token" not in response.json()
+
+
+def test_retry_after_counts_down_and_the_window_passes(proxied: TestClient, clock: Clock, alice: Account) -> None:
+    fail(proxied, alice.email, 5)
+    clock.advance(600)
+
+    assert attempt(proxied, alice.email, alice.password).headers["retry-after"] == "300"
+    clock.advance(300)
+    assert attempt(proxied, alice.email, alice.password).status_code == 200
+
+
+def test_another_email_from_the_same_address_is_unaffected(
+    proxied: TestClient, settings: Settings, alice: Account
+) -> None:
+    bob = add_user(settings, "bob@example.com")
+    fail(proxied, alice.email, 5)
+
+    assert attempt(proxied, bob.email, bob.password).status_code == 200
+
+
+def test_the_same_email_from_another_address_is_unaffected(proxied: TestClient, alice: Account) -> None:
+    fail(proxied, alice.email, 5, address="203.0.113.7")
+
+    assert attempt(proxied, alice.email, alice.password, address="198.51.100.9").status_code == 200
+    assert attempt(proxied, alice.email, alice.password, address="203.0.113.7").status_code == 429
+
+
+def test_a_success_resets_the_count(proxied: TestClient, alice: Account) -> None:
+    assert fail(proxied, alice.email, 4) == [400] * 4
+    assert attempt(proxied, alice.email, alice.password).status_code == 200
+
+    assert fail(proxied, alice.email, 6) == [400] * 5 + [429]
+
+
+def test_unknown_emails_are_counted_like_known_ones(proxied: TestClient, alice: Account) -> None:
+    known = fail(proxied, alice.email, 6)
+    unknown = fail(proxied, "nobody@example.com", 6)
+
+    assert known == unknown == [400] * 5 + [429]
+
+
+def test_the_count_ignores_the_emails_case(proxied: TestClient, alice: Account) -> None:
+    fail(proxied, "ALICE@example.com", 3)
+    fail(proxied, "alice@EXAMPLE.com", 2)
+
+    assert attempt(proxied, alice.email, alice.password).status_code == 429
+
+
+def test_failures_at_the_token_endpoint_count_too(proxied: TestClient, alice: Account) -> None:
+    fail(proxied, alice.email, 3)
+    form = {"grant_type": "password", "username": alice.email, "password": "wrong password"}
+    token = [proxied.post("/token", data=form, headers={"X-Forwarded-For": "203.0.113.7"}) for _ in range(3)]
+
+    assert [response.status_code for response in token] == [400, 400, 429]
+    assert token[2].json()["error"] == "slow_down"
+    assert attempt(proxied, alice.email, alice.password).status_code == 429
+
+
+def test_one_address_has_a_ceiling_across_emails(env: dict[str, str], alice: Account) -> None:
+    settings = Settings.from_env(
+        {**env, "JWTAUTH_TRUSTED_PROXIES": "10.0.0.2", "JWTAUTH_LOGIN_MAX_FAILURES_PER_ADDRESS": "4"}
+    )
+    with TestClient(create_app(settings), client=PROXY) as client:
+        tries = [fail(client, f"user{n}@example.com", 1)[0] for n in range(4)]
+
+        assert tries == [400] * 4
+        assert attempt(client, alice.email, alice.password).status_code == 429  # even a right password
+        assert attempt(client, alice.email, alice.password, address="198.51.100.9").status_code == 200
+
+
+def test_successes_do_not_fill_the_address_ceiling(env: dict[str, str], alice: Account) -> None:
+    settings = Settings.from_env({**env, "JWTAUTH_LOGIN_MAX_FAILURES_PER_ADDRESS": "3"})
+    with TestClient(create_app(settings)) as client:
+        statuses = [attempt(client, alice.email, alice.password).status_code for _ in range(10)]
+
+    assert statuses == [200] * 10
+
+
+def test_forwarded_for_from_an_untrusted_peer_is_ignored(env: dict[str, str], alice: Account) -> None:
+    with TestClient(create_app(Settings.from_env(env)), client=PROXY) as client:  # no trusted proxies
+        statuses = [
+            attempt(client, alice.email, "wrong password", address=f"198.51.100.{n}").status_code for n in range(6)
+        ]
+
+    assert statuses == [400] * 5 + [429]  # a made-up header does not buy more guesses
+
+
+def test_only_the_nearest_untrusted_hop_counts(proxied: TestClient, alice: Account) -> None:
+    """A client may prepend anything to X-Forwarded-For; the address our proxy appended is the one used."""
+    for n in range(6):
+        response = attempt(proxied, alice.email, "wrong password", address=f"1.2.3.{n}, 203.0.113.7, 10.0.0.3")
+    assert response.status_code == 429
+    assert attempt(proxied, alice.email, alice.password, address="203.0.113.7").status_code == 429
+
+
+def test_the_count_is_shared_by_two_workers(env: dict[str, str]) -> None:
+    add_user(Settings.from_env(env), "alice@example.com")
+    server = start_server(env, "--workers", "2")
+    try:
+        statuses = []
+        for _ in range(10):
+            with httpx.Client(base_url=server.url) as http:  # a new connection each time: either worker
+                statuses.append(attempt(http, "alice@example.com", "wrong password").status_code)
+        with httpx.Client(base_url=server.url) as http:
+            final = attempt(http, "alice@example.com", PASSWORD).status_code
+    finally:
+        stop_server(server)
+
+    assert statuses == [400] * 5 + [429] * 5
+    assert final == 429
