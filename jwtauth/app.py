@@ -1,16 +1,13 @@
-"""The HTTP face: create_app(settings), thin endpoints, and the one place errors become JSON."""
+"""The HTTP face: create_app(settings), thin endpoints; request plumbing and error rendering are in web.py."""
 
 from __future__ import annotations
 
 import functools
-import ipaddress
 import itertools
 import json
 import logging
 import os
-import re
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
@@ -21,208 +18,52 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.routing import BaseRoute, Route
+from starlette.schemas import SchemaGenerator
 
-from jwtauth.config import IPNetwork, Settings
-from jwtauth.errors import (
-    AuthError,
-    BodyTooLargeError,
-    InvalidRequestError,
-    InvalidTokenError,
-    SlowDownError,
-    UnsupportedGrantTypeError,
-    UnsupportedMediaTypeError,
-)
+from jwtauth.config import Settings
+from jwtauth.errors import AuthError, InvalidRequestError, UnsupportedGrantTypeError
 from jwtauth.keys import KeyStore
+from jwtauth.openapi import BASE as openapi_base
 from jwtauth.passwords import MAX_PASSWORD_LENGTH, PasswordHasher
-from jwtauth.service import MAX_EMAIL_LENGTH, AuthService, TokenPair
+from jwtauth.service import MAX_EMAIL_LENGTH, AuthService
 from jwtauth.store import Store
+from jwtauth.web import (
+    MAX_BODY_BYTES,
+    BodyLimit,
+    RequestId,
+    client_address,
+    etag_matches,
+    parse_bearer,
+    read_params,
+    render_auth_error,
+    render_http_error,
+    render_server_error,
+    text_param,
+    token_response,
+)
 
 log = logging.getLogger("jwtauth")
-
-MAX_BODY_BYTES = 16_384
-NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}  # RFC 6749 §5.1
-_BEARER = re.compile(r"Bearer +([A-Za-z0-9\-._~+/]+=*)", re.IGNORECASE)  # RFC 6750 §2.1 b64token
-
-
-# Request parsing
-
-
-def parse_bearer(authorization: str | None) -> str:
-    """Return the token of an `Authorization: Bearer <token>` header.
-
-    Raises:
-        InvalidTokenError: the header is missing, empty, of another scheme or malformed.
-    """
-    match = _BEARER.fullmatch(authorization.strip()) if authorization else None
-    if match is None:
-        raise InvalidTokenError("missing or malformed bearer token")
-    return match.group(1)
-
-
-async def read_params(request: Request) -> Mapping[str, object]:
-    """Return the fields of a JSON object or form-encoded body; an empty body gives no fields.
-
-    Raises:
-        InvalidRequestError: malformed JSON, not an object, or a repeated form field (RFC 6749 §3.2).
-        UnsupportedMediaTypeError: a body of another content type.
-        BodyTooLargeError: the body is over 16 KiB.
-    """
-    content_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
-    body = await request.body()
-    if content_type == "application/json":
-        try:
-            params = json.loads(body)
-        except (ValueError, RecursionError):
-            raise InvalidRequestError("malformed JSON body") from None
-        if not isinstance(params, dict):
-            raise InvalidRequestError("the JSON body must be an object")
-        return params
-    if content_type == "application/x-www-form-urlencoded":
-        form = await request.form()
-        if any(len(form.getlist(key)) > 1 for key in form):
-            raise InvalidRequestError("a parameter was sent more than once")
-        return dict(form)
-    if not body:
-        return {}
-    raise UnsupportedMediaTypeError("send application/json or application/x-www-form-urlencoded")
-
-
-def text_param(params: Mapping[str, object], name: str, max_length: int = 4096) -> str:
-    """Return a required, non-blank string field.
-
-    Raises:
-        InvalidRequestError: missing, blank, not a string, too long, or holding a NUL or unpaired surrogate.
-    """
-    value = params.get(name)
-    if value is None or (isinstance(value, str) and not value.strip()):
-        raise InvalidRequestError(f"missing {name}")
-    if not isinstance(value, str):
-        raise InvalidRequestError(f"{name} must be a string")
-    if len(value) > max_length:
-        raise InvalidRequestError(f"{name} is longer than {max_length} characters")
-    if "\x00" in value or not _is_utf8(value):
-        raise InvalidRequestError(f"{name} holds characters that are not allowed")
-    return value
-
-
-def _is_utf8(value: str) -> bool:
-    try:
-        value.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-class RequestId:
-    """Give every request an id, in `request.state.request_id` and the `X-Request-ID` response header,
-    so that a client's report of an error can be found in the log."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        request_id = uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = request_id
-
-        async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
-            await send(message)
-
-        await self.app(scope, receive, send_with_id)
-
-
-class BodyLimit:
-    """Refuse request bodies over a limit with 413, whether announced by Content-Length or sent chunked."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        for name, value in scope["headers"]:
-            if name == b"content-length" and (not value.isdigit() or int(value) > self.max_bytes):
-                await _error_response(BodyTooLargeError("request body too large"))(scope, receive, send)
-                return
-        received = 0
-
-        async def receive_limited() -> Message:
-            nonlocal received
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.max_bytes:
-                raise BodyTooLargeError("request body too large")
-            return message
-
-        await self.app(scope, receive_limited, send)
-
-
-# Responses and error rendering
-
-
-def _error_response(exc: AuthError, headers: Mapping[str, str] | None = None) -> JSONResponse:
-    body = {"error": exc.error, "error_description": exc.description or exc.error}
-    all_headers = {"Cache-Control": "no-store", **(headers or {})}
-    if exc.status_code == 401:
-        all_headers["WWW-Authenticate"] = f'Bearer error="{exc.error}"'  # RFC 6750 §3
-    return JSONResponse(body, exc.status_code, all_headers)
-
-
-async def render_auth_error(request: Request, exc: Exception) -> Response:
-    """Turn an AuthError into OAuth-style JSON (RFC 6749 §5.2, RFC 6750 §3.1)."""
-    assert isinstance(exc, AuthError)
-    if exc.status_code == 401:
-        log.info("bearer token rejected: %s", exc.description)  # the client is told only invalid_token
-        exc = InvalidTokenError("the access token is invalid, expired or revoked")
-    if isinstance(exc, SlowDownError):
-        return _error_response(exc, {"Retry-After": str(exc.retry_after)})
-    return _error_response(exc)
-
-
-_HTTP_ERRORS = {404: "not_found", 405: "method_not_allowed", 413: "invalid_request"}
-
-
-async def render_http_error(request: Request, exc: Exception) -> Response:
-    """Turn Starlette's 404, 405 (with its Allow header) and friends into the same JSON shape."""
-    assert isinstance(exc, HTTPException)
-    error = AuthError(exc.detail)
-    error.error = _HTTP_ERRORS.get(exc.status_code, "invalid_request")
-    error.status_code = exc.status_code
-    return _error_response(error, exc.headers)
-
-
-async def render_server_error(request: Request, exc: Exception) -> Response:
-    """Log an unexpected exception under the request id; the client gets the id, never the traceback."""
-    request_id = request.scope.get("state", {}).get("request_id", "-")
-    log.error("unhandled error, request_id=%s", request_id, exc_info=exc)
-    body = {"error": "server_error", "error_description": "internal error", "request_id": request_id}
-    return JSONResponse(body, 500, {"Cache-Control": "no-store"})
-
-
-def etag_matches(if_none_match: str | None, etag: str) -> bool:
-    """Whether an If-None-Match header matches our entity tag (RFC 9110 §13.1.2: weak comparison, `*`)."""
-    if if_none_match is None:
-        return False
-    tags = [tag.strip().removeprefix("W/") for tag in if_none_match.split(",")]
-    return "*" in tags or etag in tags
-
-
-def token_response(pair: TokenPair) -> Response:
-    return JSONResponse(pair.as_json(), headers=NO_STORE)
 
 
 # Endpoints
 
 
 async def login(request: Request) -> Response:
+    """Log in with email and password: a new session and its token pair.
+    ---
+    requestBody:
+      required: true
+      content:
+        application/json: {schema: {$ref: "#/components/schemas/Login"}}
+        application/x-www-form-urlencoded: {schema: {$ref: "#/components/schemas/Login"}}
+    responses:
+      "200": {$ref: "#/components/responses/TokenPair"}
+      "400": {$ref: "#/components/responses/Error"}
+      "413": {$ref: "#/components/responses/Error"}
+      "415": {$ref: "#/components/responses/Error"}
+      "429": {$ref: "#/components/responses/Error"}
+    """
     params = await read_params(request)
     return await _password_login(request, text_param(params, "email", MAX_EMAIL_LENGTH), params)
 
@@ -236,25 +77,20 @@ async def _password_login(request: Request, email: str, params: Mapping[str, obj
     return token_response(await anyio.to_thread.run_sync(login, limiter=request.state.hash_limiter))
 
 
-def client_address(request: Request, trusted_proxies: tuple[IPNetwork, ...]) -> str:
-    """The client's address: the peer's, or, when the peer is a trusted proxy, the nearest address in
-    X-Forwarded-For that is not a trusted proxy (the ones to its left could be made up by the client)."""
-    peer = request.client.host if request.client else ""
-    if not _is_trusted(peer, trusted_proxies):
-        return peer
-    hops = [hop.strip() for header in request.headers.getlist("x-forwarded-for") for hop in header.split(",")]
-    return next((hop for hop in reversed(hops) if hop and not _is_trusted(hop, trusted_proxies)), peer)
-
-
-def _is_trusted(address: str, trusted_proxies: tuple[IPNetwork, ...]) -> bool:
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    return any(ip in network for network in trusted_proxies)
-
-
 async def refresh(request: Request) -> Response:
+    """Rotate a refresh token: a new pair in the same session.
+    ---
+    requestBody:
+      required: true
+      content:
+        application/json: {schema: {$ref: "#/components/schemas/Refresh"}}
+        application/x-www-form-urlencoded: {schema: {$ref: "#/components/schemas/Refresh"}}
+    responses:
+      "200": {$ref: "#/components/responses/TokenPair"}
+      "400": {$ref: "#/components/responses/Error"}
+      "413": {$ref: "#/components/responses/Error"}
+      "415": {$ref: "#/components/responses/Error"}
+    """
     return await _refresh(request, await read_params(request))
 
 
@@ -265,6 +101,19 @@ async def _refresh(request: Request, params: Mapping[str, object]) -> Response:
 
 
 async def token(request: Request) -> Response:
+    """The OAuth 2.0 token endpoint (RFC 6749 §3.2): refresh_token grant; password grant if enabled.
+    ---
+    requestBody:
+      required: true
+      content:
+        application/x-www-form-urlencoded: {schema: {$ref: "#/components/schemas/Token"}}
+    responses:
+      "200": {$ref: "#/components/responses/TokenPair"}
+      "400": {$ref: "#/components/responses/Error"}
+      "413": {$ref: "#/components/responses/Error"}
+      "415": {$ref: "#/components/responses/Error"}
+      "429": {$ref: "#/components/responses/Error"}
+    """
     params = await read_params(request)
     grant_type = text_param(params, "grant_type")
     service: AuthService = request.state.service
@@ -276,12 +125,42 @@ async def token(request: Request) -> Response:
 
 
 async def revoke(request: Request) -> Response:
+    """Revoke the session of a refresh or access token (RFC 7009); 200 for any well-formed request.
+    ---
+    requestBody:
+      required: true
+      content:
+        application/json: {schema: {$ref: "#/components/schemas/Revoke"}}
+        application/x-www-form-urlencoded: {schema: {$ref: "#/components/schemas/Revoke"}}
+    responses:
+      "200":
+        description: Revoked, or nothing to revoke
+        content: {application/json: {schema: {$ref: "#/components/schemas/Empty"}}}
+      "400": {$ref: "#/components/responses/Error"}
+      "413": {$ref: "#/components/responses/Error"}
+      "415": {$ref: "#/components/responses/Error"}
+    """
     token = text_param(await read_params(request), "token")  # token_type_hint is optional: both kinds are tried
     await anyio.to_thread.run_sync(request.state.service.revoke, token)
     return JSONResponse({}, headers={"Cache-Control": "no-store"})  # RFC 7009 §2.2: 200 for any token
 
 
 async def logout(request: Request) -> Response:
+    """End the bearer's session (scope local) or every session of its user (scope global).
+    ---
+    security: [{bearer: []}]
+    requestBody:
+      required: false
+      content:
+        application/json: {schema: {$ref: "#/components/schemas/Logout"}}
+        application/x-www-form-urlencoded: {schema: {$ref: "#/components/schemas/Logout"}}
+    responses:
+      "204": {description: Logged out}
+      "400": {$ref: "#/components/responses/Error"}
+      "401": {$ref: "#/components/responses/Error"}
+      "413": {$ref: "#/components/responses/Error"}
+      "415": {$ref: "#/components/responses/Error"}
+    """
     access_token = parse_bearer(request.headers.get("authorization"))
     scope = (await read_params(request)).get("scope", "local")
     if not isinstance(scope, str):
@@ -291,12 +170,29 @@ async def logout(request: Request) -> Response:
 
 
 async def userinfo(request: Request) -> Response:
+    """Who the bearer of an access token is.
+    ---
+    security: [{bearer: []}]
+    responses:
+      "200":
+        description: OK
+        content: {application/json: {schema: {$ref: "#/components/schemas/UserInfo"}}}
+      "401": {$ref: "#/components/responses/Error"}
+    """
     service: AuthService = request.state.service
     _, user = service.authenticate(parse_bearer(request.headers.get("authorization")))
     return JSONResponse({"sub": user.id, "email": user.email, "name": user.name}, headers={"Cache-Control": "no-store"})
 
 
 async def jwks(request: Request) -> Response:
+    """The public keys that verify access tokens (RFC 7517).
+    ---
+    responses:
+      "200":
+        description: OK
+        content: {application/json: {schema: {$ref: "#/components/schemas/JWKS"}}}
+      "304": {description: Not modified (If-None-Match)}
+    """
     keyset = request.state.service.keyset
     max_age = request.state.service.settings.jwks_max_age
     headers = {"Cache-Control": f"public, max-age={max_age}", "ETag": keyset.etag}
@@ -306,14 +202,35 @@ async def jwks(request: Request) -> Response:
 
 
 async def metadata(request: Request) -> Response:
+    """Authorization server metadata (RFC 8414).
+    ---
+    responses:
+      "200":
+        description: OK
+        content: {application/json: {schema: {$ref: "#/components/schemas/Metadata"}}}
+    """
     return Response(request.state.metadata, media_type="application/json")
 
 
 async def healthz(request: Request) -> Response:
+    """Whether the database answers.
+    ---
+    responses:
+      "200":
+        description: OK
+        content: {application/json: {schema: {$ref: "#/components/schemas/Health"}}}
+      "503":
+        description: Unavailable
+        content: {application/json: {schema: {$ref: "#/components/schemas/Health"}}}
+    """
     service: AuthService = request.state.service
     if service.store.is_usable():  # the key set was checked (one current key, all loadable) when loaded
         return JSONResponse({"status": "ok"}, headers={"Cache-Control": "no-store"})
     return JSONResponse({"status": "unavailable"}, 503, {"Cache-Control": "no-store"})
+
+
+async def openapi(request: Request) -> Response:
+    return Response(request.state.openapi, media_type="application/json")
 
 
 def server_metadata(settings: Settings) -> bytes:
@@ -370,6 +287,7 @@ def create_app(settings: Settings, clock: Callable[[], float] = time.time) -> St
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(maintain, service)
             yield {
+                "openapi": json.dumps(SchemaGenerator(openapi_base).get_schema(routes)).encode(),
                 "service": service,
                 "hash_limiter": anyio.CapacityLimiter(os.cpu_count() or 1),
                 "metadata": server_metadata(settings),
@@ -377,7 +295,7 @@ def create_app(settings: Settings, clock: Callable[[], float] = time.time) -> St
             tasks.cancel_scope.cancel()
         service.store.close()
 
-    routes = [
+    routes: list[BaseRoute] = [
         Route("/login", login, methods=["POST"]),
         Route("/refresh", refresh, methods=["POST"]),
         Route("/token", token, methods=["POST"]),
@@ -388,6 +306,7 @@ def create_app(settings: Settings, clock: Callable[[], float] = time.time) -> St
         Route("/.well-known/openid-configuration", metadata, methods=["GET"]),
         Route("/.well-known/oauth-authorization-server", metadata, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
+        Route("/openapi.json", openapi, methods=["GET"], include_in_schema=False),
     ]
     app = Starlette(
         routes=routes,

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from jwt.algorithms import RSAAlgorithm
 from starlette.testclient import TestClient
 
-from jwtauth.app import parse_bearer
+from jwtauth.web import parse_bearer
 from jwtauth.config import Settings
 from jwtauth.errors import InvalidTokenError
 

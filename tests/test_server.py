@@ -66,12 +66,20 @@ def test_chunked_body_over_16_kib_is_413(server: Server) -> None:
     assert response.json()["error"] == "invalid_request"
 
 
+def read_all(sock: socket.socket) -> bytes:
+    """The whole reply: until the server closes the connection."""
+    reply = b""
+    while chunk := sock.recv(4096):
+        reply += chunk
+    return reply
+
+
 def test_declared_length_over_16_kib_is_refused_before_the_body(server: Server) -> None:
     host, port = server.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=5) as sock:
         sock.sendall(b"POST /login HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: 1000000\r\n\r\n")  # fmt: skip
-        reply = sock.recv(4096)
+                     b"Content-Length: 1000000\r\nConnection: close\r\n\r\n")  # fmt: skip
+        reply = read_all(sock)
 
     assert reply.startswith(b"HTTP/1.1 413")
     assert b'"error":"invalid_request"' in reply

@@ -1,0 +1,76 @@
+"""The shared parts of the OpenAPI document; the endpoints' docstrings (YAML after `---`) hold the rest."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from jwtauth import __version__
+
+
+def _string(max_length: int, **more: Any) -> dict[str, Any]:
+    return {"type": "string", "minLength": 1, "maxLength": max_length, **more}
+
+
+def _object(required: list[str], **properties: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "object", "required": required, "properties": properties}
+
+
+BASE: dict[str, Any] = {
+    "openapi": "3.0.3",
+    "info": {
+        "title": "jwtauth",
+        "version": __version__,
+        "description": "Logins with Argon2, RS256 access tokens (RFC 9068), rotating refresh tokens, JWKS.",
+    },
+    "components": {
+        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}},
+        "schemas": {
+            "Error": _object(
+                ["error", "error_description"],
+                error={"type": "string"},
+                error_description={"type": "string"},
+                request_id={"type": "string"},
+            ),
+            "TokenPair": _object(
+                ["access_token", "token_type", "expires_in", "refresh_token", "refresh_expires_in"],
+                access_token={"type": "string"},
+                token_type={"type": "string", "enum": ["Bearer"]},
+                expires_in={"type": "integer"},
+                refresh_token={"type": "string"},
+                refresh_expires_in={"type": "integer"},
+            ),
+            "Login": _object(["email", "password"], email=_string(254), password=_string(1024)),
+            "Refresh": _object(["refresh_token"], refresh_token=_string(4096)),
+            "Revoke": _object(
+                ["token"],
+                token=_string(4096),
+                token_type_hint={"type": "string", "enum": ["access_token", "refresh_token"]},
+            ),
+            "Logout": _object([], scope={"type": "string", "enum": ["local", "global"]}),
+            "Token": _object(
+                ["grant_type"],
+                grant_type={"type": "string", "enum": ["refresh_token", "password"]},
+                refresh_token=_string(4096),
+                username=_string(254),
+                password=_string(1024),
+            ),
+            "UserInfo": _object(
+                ["sub", "email", "name"], sub={"type": "string"}, email={"type": "string"}, name={"type": "string"}
+            ),
+            "JWKS": _object(["keys"], keys={"type": "array", "items": {"type": "object"}}),
+            "Metadata": _object(["issuer", "token_endpoint", "jwks_uri"], issuer={"type": "string"}),
+            "Empty": {"type": "object", "additionalProperties": False},
+            "Health": _object(["status"], status={"type": "string", "enum": ["ok", "unavailable"]}),
+        },
+        "responses": {
+            "Error": {
+                "description": "An OAuth 2.0 error (RFC 6749 §5.2)",
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+            },
+            "TokenPair": {
+                "description": "A new access token and refresh token",
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/TokenPair"}}},
+            },
+        },
+    },
+}

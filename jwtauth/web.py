@@ -1,0 +1,224 @@
+"""HTTP plumbing shared by the endpoints: request parsing, middleware, and errors rendered as JSON."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import re
+import uuid
+from collections.abc import Mapping
+
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from jwtauth.config import IPNetwork
+from jwtauth.errors import (
+    AuthError,
+    BodyTooLargeError,
+    InvalidRequestError,
+    InvalidTokenError,
+    SlowDownError,
+    UnsupportedMediaTypeError,
+)
+from jwtauth.service import TokenPair
+
+log = logging.getLogger("jwtauth")
+
+MAX_BODY_BYTES = 16_384
+NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}  # RFC 6749 §5.1
+_BEARER = re.compile(r"Bearer +([A-Za-z0-9\-._~+/]+=*)", re.IGNORECASE)  # RFC 6750 §2.1 b64token
+
+
+# Request parsing
+
+
+def parse_bearer(authorization: str | None) -> str:
+    """Return the token of an `Authorization: Bearer <token>` header.
+
+    Raises:
+        InvalidTokenError: the header is missing, empty, of another scheme or malformed.
+    """
+    match = _BEARER.fullmatch(authorization.strip()) if authorization else None
+    if match is None:
+        raise InvalidTokenError("missing or malformed bearer token")
+    return match.group(1)
+
+
+async def read_params(request: Request) -> Mapping[str, object]:
+    """Return the fields of a JSON object or form-encoded body; an empty body gives no fields.
+
+    Raises:
+        InvalidRequestError: malformed JSON, not an object, or a repeated form field (RFC 6749 §3.2).
+        UnsupportedMediaTypeError: a body of another content type.
+        BodyTooLargeError: the body is over 16 KiB.
+    """
+    content_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    body = await request.body()
+    if content_type == "application/json":
+        try:
+            params = json.loads(body)
+        except (ValueError, RecursionError):
+            raise InvalidRequestError("malformed JSON body") from None
+        if not isinstance(params, dict):
+            raise InvalidRequestError("the JSON body must be an object")
+        return params
+    if content_type == "application/x-www-form-urlencoded":
+        form = await request.form()
+        if any(len(form.getlist(key)) > 1 for key in form):
+            raise InvalidRequestError("a parameter was sent more than once")
+        return dict(form)
+    if not body:
+        return {}
+    raise UnsupportedMediaTypeError("send application/json or application/x-www-form-urlencoded")
+
+
+def text_param(params: Mapping[str, object], name: str, max_length: int = 4096) -> str:
+    """Return a required, non-blank string field.
+
+    Raises:
+        InvalidRequestError: missing, blank, not a string, too long, or holding a NUL or unpaired surrogate.
+    """
+    value = params.get(name)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise InvalidRequestError(f"missing {name}")
+    if not isinstance(value, str):
+        raise InvalidRequestError(f"{name} must be a string")
+    if len(value) > max_length:
+        raise InvalidRequestError(f"{name} is longer than {max_length} characters")
+    if "\x00" in value or not _is_utf8(value):
+        raise InvalidRequestError(f"{name} holds characters that are not allowed")
+    return value
+
+
+def _is_utf8(value: str) -> bool:
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+class RequestId:
+    """Give every request an id, in `request.state.request_id` and the `X-Request-ID` response header,
+    so that a client's report of an error can be found in the log."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+class BodyLimit:
+    """Refuse request bodies over a limit with 413, whether announced by Content-Length or sent chunked."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope["headers"]:
+            if name == b"content-length" and (not value.isdigit() or int(value) > self.max_bytes):
+                await _error_response(BodyTooLargeError("request body too large"))(scope, receive, send)
+                return
+        received = 0
+
+        async def receive_limited() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                raise BodyTooLargeError("request body too large")
+            return message
+
+        await self.app(scope, receive_limited, send)
+
+
+# Responses and error rendering
+
+
+def _error_response(exc: AuthError, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    body = {"error": exc.error, "error_description": exc.description or exc.error}
+    all_headers = {"Cache-Control": "no-store", **(headers or {})}
+    if exc.status_code == 401:
+        all_headers["WWW-Authenticate"] = f'Bearer error="{exc.error}"'  # RFC 6750 §3
+    return JSONResponse(body, exc.status_code, all_headers)
+
+
+async def render_auth_error(request: Request, exc: Exception) -> Response:
+    """Turn an AuthError into OAuth-style JSON (RFC 6749 §5.2, RFC 6750 §3.1)."""
+    assert isinstance(exc, AuthError)
+    if exc.status_code == 401:
+        log.info("bearer token rejected: %s", exc.description)  # the client is told only invalid_token
+        exc = InvalidTokenError("the access token is invalid, expired or revoked")
+    if isinstance(exc, SlowDownError):
+        return _error_response(exc, {"Retry-After": str(exc.retry_after)})
+    return _error_response(exc)
+
+
+_HTTP_ERRORS = {404: "not_found", 405: "method_not_allowed", 413: "invalid_request"}
+
+
+async def render_http_error(request: Request, exc: Exception) -> Response:
+    """Turn Starlette's 404, 405 (with its Allow header) and friends into the same JSON shape."""
+    assert isinstance(exc, HTTPException)
+    error = AuthError(exc.detail)
+    error.error = _HTTP_ERRORS.get(exc.status_code, "invalid_request")
+    error.status_code = exc.status_code
+    return _error_response(error, exc.headers)
+
+
+async def render_server_error(request: Request, exc: Exception) -> Response:
+    """Log an unexpected exception under the request id; the client gets the id, never the traceback."""
+    request_id = request.scope.get("state", {}).get("request_id", "-")
+    log.error("unhandled error, request_id=%s", request_id, exc_info=exc)
+    body = {"error": "server_error", "error_description": "internal error", "request_id": request_id}
+    # Sent from outside the RequestId middleware, so the header is set here.
+    return JSONResponse(body, 500, {"Cache-Control": "no-store", "X-Request-ID": request_id})
+
+
+def etag_matches(if_none_match: str | None, etag: str) -> bool:
+    """Whether an If-None-Match header matches our entity tag (RFC 9110 §13.1.2: weak comparison, `*`)."""
+    if if_none_match is None:
+        return False
+    tags = [tag.strip().removeprefix("W/") for tag in if_none_match.split(",")]
+    return "*" in tags or etag in tags
+
+
+def token_response(pair: TokenPair) -> Response:
+    return JSONResponse(pair.as_json(), headers=NO_STORE)
+
+
+def client_address(request: Request, trusted_proxies: tuple[IPNetwork, ...]) -> str:
+    """The client's address: the peer's, or, when the peer is a trusted proxy, the nearest address in
+    X-Forwarded-For that is not a trusted proxy (the ones to its left could be made up by the client)."""
+    peer = request.client.host if request.client else ""
+    if not _is_trusted(peer, trusted_proxies):
+        return peer
+    hops = [hop.strip() for header in request.headers.getlist("x-forwarded-for") for hop in header.split(",")]
+    return next((hop for hop in reversed(hops) if hop and not _is_trusted(hop, trusted_proxies)), peer)
+
+
+def _is_trusted(address: str, trusted_proxies: tuple[IPNetwork, ...]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in trusted_proxies)
