@@ -35,3 +35,10 @@ format: $(VENV)/.installed-dev
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+
+# The downstream example is held to the package's standard (mypy checks it through the tests importing it).
+.PHONY: lint-examples
+lint: lint-examples
+lint-examples: $(VENV)/.installed-dev
+	$(BIN)/ruff format --check examples
+	$(BIN)/ruff check examples
