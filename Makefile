@@ -42,3 +42,12 @@ lint: lint-examples
 lint-examples: $(VENV)/.installed-dev
 	$(BIN)/ruff format --check examples
 	$(BIN)/ruff check examples
+
+# Node's jose for tests/test_interop.py, installed from tests/node/package-lock.json. Where node is missing
+# that test reports a skip; the stamp is written only after an install, so installing node later counts.
+NODE_STAMP := tests/node/node_modules/.installed
+test: $(NODE_STAMP)
+$(NODE_STAMP): tests/node/package.json tests/node/package-lock.json
+	@if command -v node >/dev/null && command -v npm >/dev/null; then \
+		cd tests/node && npm ci --no-audit --no-fund --loglevel=error && touch node_modules/.installed; \
+	else echo "node or npm not found: the Node jose interoperability test will be skipped"; fi
