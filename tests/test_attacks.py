@@ -25,9 +25,9 @@ from hypothesis import strategies as st
 from jwt.algorithms import RSAAlgorithm
 from starlette.testclient import TestClient
 
-from jwtauth.web import parse_bearer
 from jwtauth.config import Settings
 from jwtauth.errors import InvalidTokenError
+from jwtauth.web import parse_bearer
 
 from .conftest import Account, add_user, login, table_counts
 
