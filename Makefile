@@ -27,11 +27,21 @@ test: $(VENV)/.installed-dev
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff format --check jwtauth tests scripts
 	$(BIN)/ruff check jwtauth tests scripts
-	$(BIN)/mypy jwtauth tests
+	$(BIN)/mypy jwtauth tests scripts
 
 format: $(VENV)/.installed-dev
 	$(BIN)/ruff format jwtauth tests scripts
 	$(BIN)/ruff check --fix jwtauth tests scripts
+
+# Throughput and latency of a real `jwtauth serve` next to the limits of its cryptography, with wrk
+# (installed from the system packages when missing). A few minutes; prints a Markdown table and writes
+# results/. Quick smoke test: make bench BENCH_SECONDS=3 BENCH_ARGS="--workers 1 --users 8"
+BENCH_SECONDS ?= 10
+BENCH_ARGS ?=
+.PHONY: bench
+bench: $(VENV)/.installed
+	command -v wrk >/dev/null || (apt-get update && apt-get install -y wrk)
+	$(BIN)/python scripts/bench.py --seconds $(BENCH_SECONDS) $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,291 @@
+"""`make bench`: jwtauth's throughput and latency next to the limits its cryptography allows.
+
+Starts `jwtauth serve` in a temp directory (fresh database and keys, accounts made with `jwtauth users
+add`), drives it over loopback with wrk (scripts/wrk/*.lua), and measures on the same cores the limits:
+RS256 signatures and verifications, Argon2 verifications, and bare Starlette endpoints under the same
+uvicorn set-up. Server on CPU 0 (CPUs 0-1 with --workers 2), wrk on CPU 1. Every run is bounded in time.
+Writes results/<time>.{md,json} and results/latest.{md,json}, and prints the Markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib.util import find_spec
+from pathlib import Path
+from typing import Any
+
+import bench_report
+import bench_wrk
+from bench_limits import measure_limit
+from bench_noise import bench_seconds, other_load, parse_cpus
+from bench_server import (
+    CHEAP_ARGON2,
+    DEFAULT_ARGON2,
+    PASSWORD,
+    Installation,
+    RssSampler,
+    Server,
+    account_emails,
+    add_users,
+    bare_serve,
+    cpu_seconds,
+    free_port,
+    jwtauth_serve,
+    login_many,
+    rss_bytes,
+    serving,
+)
+from bench_wrk import Load
+
+REPO = Path(__file__).resolve().parent.parent
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """How one worker count is run: durations, connections, and which CPUs each side gets."""
+
+    workers: int
+    seconds: int
+    server_cpus: str
+    wrk_cpus: str
+    limit_cpus: tuple[int, ...]  # one limit process per server core
+    shared: bool  # wrk runs on a core the server also has
+
+    @property
+    def limit_seconds(self) -> float:
+        return min(3.0, max(1.0, self.seconds / 2))
+
+    @property
+    def connections(self) -> int:
+        return 16 * self.workers
+
+    @property
+    def login_connections(self) -> int:
+        """Enough to keep every worker's Argon2 slots (one per core) busy, few enough for useful latencies."""
+        return 4 * self.workers
+
+
+def plan_for(workers: int, seconds: int) -> Plan:
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        raise RuntimeError("the bench needs 2 CPUs: one for the server, one for wrk")
+    server = cpus[:workers] if workers <= len(cpus) else cpus
+    return Plan(
+        workers=workers,
+        seconds=seconds,
+        server_cpus=",".join(map(str, server)),
+        wrk_cpus=str(cpus[1]),
+        limit_cpus=tuple(server),
+        shared=cpus[1] in server,
+    )
+
+
+# Measuring one load, with how busy the rest of the machine was meanwhile
+
+
+def measure(server: Server, load: Load, warmup: Load | None = None) -> dict[str, Any]:
+    """A 1 s warm-up (the same load unless another is given), then the measured run."""
+    log(f"{load.url.partition('//')[2].partition('/')[2] or '/'}: {load.seconds} s, {load.connections} connections")
+    bench_wrk.run(warmup or dataclasses.replace(load, seconds=1))
+    server.wait_idle()
+    cpus = sorted(set(parse_cpus(server.cpus)) | set(parse_cpus(load.cpus)))  # wrk's core counts too
+
+    def ours() -> float:
+        return cpu_seconds(server.pids) + bench_seconds(with_children=True)
+
+    result: dict[str, Any] = {}
+    with other_load(cpus, ours, result):
+        result.update(bench_wrk.run(load).as_dict())
+    return result
+
+
+# The phases of one worker count
+
+
+LIMITS = {  # name in the results: (bench_limits kind, Argon2 parameters)
+    "rs256_sign": ("rs256-sign", DEFAULT_ARGON2),
+    "rs256_verify": ("rs256-verify", DEFAULT_ARGON2),
+    "argon2_default": ("argon2-verify", DEFAULT_ARGON2),
+    "argon2_cheap": ("argon2-verify", CHEAP_ARGON2),
+}
+
+
+def measure_limits(plan: Plan) -> dict[str, Any]:
+    """Each limit on the server's cores, and the other load the machine had meanwhile."""
+    limits: dict[str, Any] = {"other_load_cores": {}}
+    log(f"limits on CPU {plan.server_cpus}: {plan.limit_seconds} s each")
+    for name, (kind, argon2_parameters) in LIMITS.items():
+        noise: dict[str, Any] = {}
+        with other_load(plan.limit_cpus, lambda: bench_seconds(with_children=True), noise):
+            limits[name] = measure_limit(kind, plan.limit_cpus, plan.limit_seconds, argon2_parameters)
+        limits["other_load_cores"][name] = noise["other_load_cores"]
+    return limits
+
+
+def bare_phase(plan: Plan, installation: Installation) -> dict[str, dict[str, Any]]:
+    """GET and POST on the bare Starlette app, served the way jwtauth is."""
+    url, env = installation.base_url, installation.env(CHEAP_ARGON2)
+    log = installation.directory / f"bare-{plan.workers}.log"
+    body = '{"refresh_token":"' + "r" * 43 + '"}'
+    with serving(bare_serve(plan.workers, installation.port), env, plan.server_cpus, url, log) as server:
+        get = Load(f"{url}/get", "get.lua", (), plan.seconds, plan.connections, cpus=plan.wrk_cpus)
+        post = Load(f"{url}/post", "post_json.lua", (body,), plan.seconds, plan.connections, cpus=plan.wrk_cpus)
+        return {"bare_get": measure(server, get), "bare_post": measure(server, post)}
+
+
+def login_load(plan: Plan, url: str, emails_file: Path, seconds: int) -> Load:
+    args = (str(emails_file), PASSWORD, "1")
+    return Load(f"{url}/login", "login.lua", args, seconds, plan.login_connections, cpus=plan.wrk_cpus)
+
+
+def refresh_pool(server: Server, emails: Sequence[str], count: int, path: Path) -> Path:
+    """Log in `count` times and write the refresh tokens to path, one a line (a pool for refresh.lua)."""
+    pairs = login_many(server.base_url, emails, count)
+    path.write_text("".join(f"{pair['refresh_token']}\n" for pair in pairs))
+    return path
+
+
+def cheap_phase(plan: Plan, installation: Installation, emails: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Login at cheap Argon2, then refresh, JWKS and userinfo, which do not depend on Argon2."""
+    url, directory = installation.base_url, installation.directory
+    log = directory / f"cheap-{plan.workers}.log"
+    with serving(jwtauth_serve(plan.workers, installation.port), installation.env(CHEAP_ARGON2),
+                 plan.server_cpus, url, log) as server:  # fmt: skip
+        results = {"login_cheap": measure(server, login_load(plan, url, directory / "cheap.emails", plan.seconds))}
+        pool_size = 3 * plan.connections  # each connection has a token out; the queue never runs dry
+        warm = refresh_pool(server, emails, pool_size, directory / "refresh-warmup.tokens")
+        pool = refresh_pool(server, emails, pool_size, directory / "refresh.tokens")
+        refresh = Load(f"{url}/refresh", "refresh.lua", (str(pool), "1"), plan.seconds, plan.connections,
+                       cpus=plan.wrk_cpus)  # fmt: skip
+        warmup = Load(refresh.url, refresh.script, (str(warm), "1"), 1, refresh.connections, cpus=plan.wrk_cpus)
+        results["refresh"] = measure(server, refresh, warmup)
+        access_token = str(login_many(url, emails, 1)[0]["access_token"])
+        for name, path, args in (("jwks", "/.well-known/jwks.json", ()), ("userinfo", "/userinfo", (access_token,))):
+            load = Load(f"{url}{path}", "get.lua", args, plan.seconds, plan.connections, cpus=plan.wrk_cpus)
+            results[name] = measure(server, load)
+        return results
+
+
+def loaded_phase(plan: Plan, server: Server, emails_file: Path, access_token: str) -> dict[str, dict[str, Any]]:
+    """JWKS and userinfo latency from low-rate probes (2 connections, 20 ms apart) during a login flood."""
+    url = server.base_url
+    server.wait_idle()
+    flood = login_load(plan, url, emails_file, plan.seconds + 2)
+    flood_process = bench_wrk.start(flood)
+    time.sleep(1)  # let the flood fill the Argon2 slots first
+    probes = {
+        "jwks": Load(f"{url}/.well-known/jwks.json", "probe.lua", ("20",), plan.seconds, 2, cpus=plan.wrk_cpus),
+        "userinfo": Load(f"{url}/userinfo", "probe.lua", ("20", access_token), plan.seconds, 2, cpus=plan.wrk_cpus),
+    }
+    started = {name: bench_wrk.start(load) for name, load in probes.items()}
+    results = {name: bench_wrk.finish(started[name], load).as_dict() for name, load in probes.items()}
+    results["flood"] = bench_wrk.finish(flood_process, flood).as_dict()
+    return results
+
+
+def default_phase(plan: Plan, installation: Installation, emails: Sequence[str]) -> dict[str, Any]:
+    """Login at default Argon2 with the server's memory sampled, then the latency probes during a flood."""
+    url, directory = installation.base_url, installation.directory
+    log = directory / f"default-{plan.workers}.log"
+    with serving(jwtauth_serve(plan.workers, installation.port), installation.env(DEFAULT_ARGON2),
+                 plan.server_cpus, url, log) as server:  # fmt: skip
+        idle = rss_bytes(server.pids)
+        access_token = str(login_many(url, emails, 1)[0]["access_token"])
+        with RssSampler(server.process.pid).running() as sampler:
+            login = measure(server, login_load(plan, url, directory / "default.emails", plan.seconds))
+            loaded = loaded_phase(plan, server, directory / "default.emails", access_token)
+        memory = {"idle_mib": idle / MIB, "peak_mib": sampler.peak / MIB}
+        return {"login_default": login, "loaded": loaded, "memory": memory}
+
+
+def run_workers(plan: Plan, installation: Installation, accounts: dict[str, list[str]]) -> dict[str, Any]:
+    """Everything measured for one worker count."""
+    limits: dict[str, Any] = {**measure_limits(plan), **bare_phase(plan, installation)}
+    endpoints = cheap_phase(plan, installation, accounts["cheap"])
+    default = default_phase(plan, installation, accounts["default"])
+    endpoints["login_default"] = default["login_default"]
+    cpus = {"server": plan.server_cpus, "wrk": plan.wrk_cpus, "shared": plan.shared}
+    return {"cpus": cpus, "limits": limits, "endpoints": endpoints, "loaded": default["loaded"],
+            "memory": default["memory"]}  # fmt: skip
+
+
+# Offline verification, and the set-up
+
+
+def verify_phase(seconds: float) -> dict[str, Any]:
+    """jwtauth's verifiers against PyJWT's decode, on CPU 0."""
+    results: dict[str, Any] = {
+        "pyjwt_decode": measure_limit("rs256-verify", (0,), seconds),
+        "verify_access_token": measure_limit("verify-access-token", (0,), seconds),
+        "jwtauth_verify": None,
+    }
+    if find_spec("jwtauth.verify") is None:
+        results["jwtauth_verify_note"] = "jwtauth/verify.py does not exist yet"
+        return results
+    try:
+        results["jwtauth_verify"] = measure_limit("jwtauth-verify", (0,), seconds)
+    except RuntimeError as exc:  # its API is new and may have moved: say so rather than stop the bench
+        results["jwtauth_verify_note"] = f"jwtauth.verify could not be measured ({exc})"
+    return results
+
+
+def create_accounts(installation: Installation, users: int) -> dict[str, list[str]]:
+    """`users` accounts hashed at each Argon2 setting (so no login re-hashes), and their email files."""
+    accounts = {"default": account_emails("default", users), "cheap": account_emails("cheap", users)}
+    add_users(installation, accounts["cheap"][:1], CHEAP_ARGON2)  # the first creates the database alone
+    add_users(installation, accounts["cheap"][1:], CHEAP_ARGON2)
+    add_users(installation, accounts["default"], DEFAULT_ARGON2)
+    for name, emails in accounts.items():
+        (installation.directory / f"{name}.emails").write_text("".join(f"{email}\n" for email in emails))
+    return accounts
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=int, default=10, help="length of each measured run (default 10)")
+    parser.add_argument("--users", type=int, default=32, help="accounts per Argon2 setting (default 32)")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts (default 1 2)")
+    parser.add_argument("--results", type=Path, default=REPO / "results", help="where to write the report")
+    parser.add_argument("--update-readme", action="store_true", help="put the table in README.md's Performance")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    bench_wrk.check_wrk()
+    started = datetime.now(UTC).isoformat(timespec="seconds")
+    results: dict[str, Any] = {"started_at": started, "machine": bench_report.machine(), "runs": {}}
+    results["settings"] = {"seconds": args.seconds, "users": args.users, "workers": args.workers}
+    with tempfile.TemporaryDirectory(prefix="jwtauth-bench-") as directory:
+        installation = Installation(Path(directory), free_port())
+        log(f"creating {2 * args.users} accounts with `jwtauth users add` in {directory}")
+        accounts = create_accounts(installation, args.users)
+        for workers in args.workers:
+            log(f"--workers {workers}")
+            results["runs"][str(workers)] = run_workers(plan_for(workers, args.seconds), installation, accounts)
+    results["verify"] = verify_phase(min(3.0, max(1.0, args.seconds / 2)))
+    results["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+    latest_md, _ = bench_report.write(results, args.results)
+    print(latest_md.read_text())
+    if args.update_readme:
+        bench_report.update_readme(
+            REPO / "README.md", latest_md.read_text(), f"make bench BENCH_SECONDS={args.seconds}"
+        )
+    return 0
+
+
+def log(message: str) -> None:
+    print(f"bench: {message}", file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""The baseline server: bare Starlette JSON endpoints under exactly the uvicorn set-up of `jwtauth serve`.
+
+`python scripts/bench_bare.py serve --port P --workers N` runs jwtauth's own `serve` command with
+uvicorn.run wrapped so that it loads `create_app` below instead of jwtauth's app. Every other option
+(workers, lifespan, proxy headers, server header, logging, and whatever cli.py adds later) is the one
+jwtauth passes, so the baseline follows cli.py without being kept in step by hand.
+
+- `GET /get`: a small JSON object, as a handler that only serialises does.
+- `POST /post`: parses a JSON body and answers an object shaped like a token pair, of about its size.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from jwtauth.cli import main as jwtauth_main
+
+TOKEN_PAIR_SHAPE = {
+    "access_token": "x" * 800,  # an RS256 access token with our claims and a 2048-bit key is ~800 chars
+    "token_type": "Bearer",
+    "expires_in": 900,
+    "refresh_token": "y" * 43,
+    "refresh_expires_in": 2_592_000,
+}
+
+
+async def get_json(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def post_json(request: Request) -> Response:
+    params = await request.json()
+    if not isinstance(params, dict):
+        return JSONResponse({"error": "invalid_request"}, 400)
+    return JSONResponse(TOKEN_PAIR_SHAPE, headers={"Cache-Control": "no-store", "Pragma": "no-cache"})
+
+
+def create_app() -> Starlette:
+    """The factory uvicorn loads in each worker."""
+    return Starlette(routes=[Route("/get", get_json, methods=["GET"]), Route("/post", post_json, methods=["POST"])])
+
+
+def run_bare_instead(real_run: Any) -> Any:
+    """Wrap uvicorn.run: keep every option jwtauth's serve passes, swap the application for ours."""
+
+    def run(app: object, **options: Any) -> None:
+        print(f"bench_bare: uvicorn options {sorted(options)} (app {app!r} replaced)", file=sys.stderr)
+        options["app_dir"] = str(Path(__file__).resolve().parent)  # where the workers import us from
+        real_run("bench_bare:create_app", **options)
+
+    return run
+
+
+def main(argv: list[str]) -> int:
+    """Run `jwtauth <argv>` (a `serve` command) with the bare application."""
+    uvicorn.run = run_bare_instead(uvicorn.run)
+    return jwtauth_main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

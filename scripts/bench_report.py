@@ -1,0 +1,205 @@
+"""The bench's report: each endpoint against its limit, the targets, and the machine, as Markdown and JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+Results = dict[str, Any]  # the JSON document bench.py builds (see the keys read below)
+README_START = "<!-- bench:start -->"
+README_END = "<!-- bench:end -->"
+
+
+def machine() -> dict[str, object]:
+    """What the numbers were measured on."""
+    model = next(
+        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+         if line.startswith("model name")),
+        platform.processor() or "unknown",
+    )  # fmt: skip
+    nproc = subprocess.run(["nproc"], capture_output=True, text=True, check=False).stdout.strip()
+    return {
+        "nproc": int(nproc) if nproc.isdigit() else os.cpu_count(),
+        "cpu_model": model,
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+        "load_average": [round(load, 2) for load in os.getloadavg()],
+    }
+
+
+def series(*rates: float) -> float:
+    """The rate of steps done one after another on the same cores: 1 / (1/a + 1/b + ...)."""
+    return 1 / sum(1 / rate for rate in rates) if all(rate > 0 for rate in rates) else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """One endpoint against its limit."""
+
+    name: str
+    result: dict[str, Any]  # a LoadResult as a dict
+    limit: float | None
+    limit_text: str
+    target: float | None  # the least ratio wanted
+
+
+def rows_of(run: Results) -> list[Row]:
+    """The endpoints of one worker count, each with the limit formula of the issue."""
+    limits, endpoints = run["limits"], run["endpoints"]
+    sign, verify, get, post = limits["rs256_sign"], limits["rs256_verify"], limits["bare_get"], limits["bare_post"]
+    get_rps, post_rps = get["requests_per_s"], post["requests_per_s"]
+    return [
+        Row("POST /login (Argon2 default: t=3, 64 MiB, p=4)", endpoints["login_default"],
+            series(limits["argon2_default"], sign, post_rps), "1/(1/Argon2 + 1/RS256-sign + 1/bare-POST)", 0.90),
+        Row("POST /login (Argon2 cheap: t=1, 8 MiB, p=1)", endpoints["login_cheap"],
+            series(limits["argon2_cheap"], sign, post_rps), "1/(1/Argon2 + 1/RS256-sign + 1/bare-POST)", 0.80),
+        Row("POST /refresh", endpoints["refresh"], series(sign, post_rps), "1/(1/RS256-sign + 1/bare-POST)", 0.75),
+        Row("GET /.well-known/jwks.json", endpoints["jwks"], get_rps, "bare GET", 0.85),
+        Row("GET /userinfo", endpoints["userinfo"], series(verify, get_rps), "1/(1/RS256-verify + 1/bare-GET)", None),
+        Row("bare Starlette GET (baseline)", get, None, "", None),
+        Row("bare Starlette POST (baseline)", post, None, "", None),
+    ]  # fmt: skip
+
+
+def verdict(ok: bool) -> str:
+    return "yes" if ok else "**NO**"
+
+
+def endpoint_line(row: Row) -> str:
+    result = row.result
+    cells = [row.name, f"{result['requests_per_s']:,.1f}", f"{result['p50_ms']:.2f}", f"{result['p99_ms']:.2f}"]
+    errors = result["non2xx"] + result["socket_errors"]
+    cells.append(str(errors))
+    if row.limit is None:
+        cells += ["", "", "", ""]
+    else:
+        ratio = result["requests_per_s"] / row.limit if row.limit else 0.0
+        target = f"≥ {row.target:.0%}" if row.target is not None else "-"
+        met = "" if row.target is None else verdict(ratio >= row.target and errors == 0)
+        cells += [f"{row.limit:,.1f} ({row.limit_text})", f"{ratio:.0%}", target, met]
+    cells.append(f"{result['other_load_cores']:.2f}")
+    return "| " + " | ".join(cells) + " |"
+
+
+ENDPOINT_HEADER = (
+    "| endpoint | req/s | p50 ms | p99 ms | non-2xx + socket errors | limit req/s | ratio | target | met"
+    " | other load (cores) |\n|---|--:|--:|--:|--:|---|--:|--:|---|--:|"
+)
+
+
+def run_section(workers: str, run: Results) -> list[str]:
+    """The tables of one worker count: endpoints, then loaded latency, memory and the raw limits."""
+    cpus = run["cpus"]
+    lines = [f"### `--workers {workers}`: server on CPU {cpus['server']}, wrk on CPU {cpus['wrk']}", ""]
+    if cpus["shared"]:
+        lines += [
+            "wrk shares a core with the server here, so every ratio is lower than the server alone would get.",
+            "",
+        ]
+    lines += [ENDPOINT_HEADER, *(endpoint_line(row) for row in rows_of(run)), ""]
+    lines += [*loaded_lines(run["loaded"]), ""]
+    memory = run["memory"]
+    lines.append(
+        f"Server RSS (all its processes): {memory['idle_mib']:.0f} MiB idle, peak {memory['peak_mib']:.0f} MiB"
+        " during the login flood at default Argon2."
+    )
+    return [*lines, "", *limit_lines(run["limits"]), ""]
+
+
+def limit_lines(limits: Results) -> list[str]:
+    """The limits measured alone, on the server's cores (one process per core, rates added up)."""
+    noise = limits["other_load_cores"]
+    names = {
+        "rs256_sign": "RS256 sign (PyJWT encode, preloaded key)",
+        "rs256_verify": "RS256 verify (PyJWT decode, preloaded key)",
+        "argon2_default": "Argon2 verify, default (t=3, 64 MiB, p=4)",
+        "argon2_cheap": "Argon2 verify, cheap (t=1, 8 MiB, p=1)",
+    }
+    lines = ["| limit, on the server's cores | per s | other load (cores) |", "|---|--:|--:|"]
+    lines += [f"| {label} | {limits[name]:,.1f} | {noise[name]:.2f} |" for name, label in names.items()]
+    return lines
+
+
+def loaded_lines(loaded: Results) -> list[str]:
+    flood = loaded["flood"]
+    lines = [
+        f"While a login flood (default Argon2, {flood['requests_per_s']:.1f} logins/s) saturates the server:",
+        "",
+        "| probe | req/s | p50 ms | p99 ms | max ms | non-2xx | target p99 | met |",
+        "|---|--:|--:|--:|--:|--:|--:|---|",
+    ]
+    for name in ("jwks", "userinfo"):
+        probe = loaded[name]
+        met = verdict(probe["p99_ms"] < 20 and probe["non2xx"] == 0 and probe["requests"] > 0)
+        lines.append(
+            f"| {name} | {probe['requests_per_s']:.1f} | {probe['p50_ms']:.2f} | {probe['p99_ms']:.2f}"
+            f" | {probe['max_ms']:.2f} | {probe['non2xx'] + probe['socket_errors']} | < 20 ms | {met} |"
+        )
+    return lines
+
+
+def verify_lines(verify: Results) -> list[str]:
+    decode = verify["pyjwt_decode"]
+    lines = [
+        "### Offline verification (one core, CPU 0)",
+        "",
+        "| verifier | tokens/s | vs PyJWT decode | target | met |",
+        "|---|--:|--:|--:|---|",
+        f"| PyJWT `jwt.decode`, preloaded key | {decode:,.0f} | 100% | | |",
+    ]
+    for name, label in (("verify_access_token", "`jwtauth.tokens.verify_access_token`"),
+                        ("jwtauth_verify", "`jwtauth.verify`")):  # fmt: skip
+        rate = verify.get(name)
+        if rate is None:
+            lines.append(f"| {label} | - | - | ≥ 80% | {verify.get(name + '_note', 'not measured')} |")
+        else:
+            lines.append(f"| {label} | {rate:,.0f} | {rate / decode:.0%} | ≥ 80% | {verdict(rate / decode >= 0.8)} |")
+    return lines
+
+
+def markdown(results: Results) -> str:
+    """The whole report as Markdown."""
+    info = results["machine"]
+    lines = [
+        f"Measured on {info['nproc']} CPUs ({info['cpu_model']}), Python {info['python']}, Linux {info['kernel']};"
+        f" load average {info['load_average']} at the start; {results['settings']['seconds']} s per run"
+        f" after a 1 s warm-up; {results['settings']['users']} accounts per Argon2 setting.",
+        "",
+    ]
+    for workers, run in results["runs"].items():
+        lines += run_section(workers, run)
+    lines += verify_lines(results["verify"])
+    lines += [
+        "",
+        "_other load_: CPU time that other processes (not the server, wrk or the bench) used on the cores of"
+        " that run (server and wrk; for a limit, its processes'), in cores (from /proc/stat); above ~0.1"
+        " the figures of that row are disturbed.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write(results: Results, directory: Path) -> tuple[Path, Path]:
+    """Write results/<stamp>.json and .md, and copies as latest.json and latest.md; return the latest pair."""
+    directory.mkdir(parents=True, exist_ok=True)
+    stamp = results["started_at"].replace(":", "").replace("-", "")
+    text, document = markdown(results), json.dumps(results, indent=2) + "\n"
+    for name in (stamp, "latest"):
+        (directory / f"{name}.md").write_text(text)
+        (directory / f"{name}.json").write_text(document)
+    return directory / "latest.md", directory / "latest.json"
+
+
+def update_readme(readme: Path, table: str, command: str) -> None:
+    """Replace what is between the bench markers of README.md (the Performance section) by this run."""
+    text = readme.read_text()
+    if README_START not in text or README_END not in text:
+        raise RuntimeError(f"{readme} has no {README_START} … {README_END} markers")
+    body = f"{README_START}\nLatest run: `{command}`.\n\n{table}{README_END}"
+    pattern = re.compile(re.escape(README_START) + ".*?" + re.escape(README_END), re.DOTALL)
+    readme.write_text(pattern.sub(lambda _: body, text, count=1))
