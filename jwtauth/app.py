@@ -6,7 +6,6 @@ import functools
 import itertools
 import json
 import logging
-import os
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -38,7 +37,6 @@ from jwtauth.web import (
     read_params,
     render_auth_error,
     render_http_error,
-    render_server_error,
     text_param,
     token_response,
 )
@@ -256,7 +254,7 @@ def open_service(settings: Settings, clock: Callable[[], float] = time.time) -> 
     Raises:
         KeyStoreError: the keys cannot be used.
     """
-    store = Store(settings.db_path)
+    store = Store(settings.db_path, settings.db_busy_timeout)
     store.migrate()
     service = AuthService(settings, store, KeyStore.from_settings(settings), PasswordHasher(settings.argon2), clock)
     service.clean_up()
@@ -289,7 +287,7 @@ def create_app(settings: Settings, clock: Callable[[], float] = time.time) -> St
             yield {
                 "openapi": json.dumps(SchemaGenerator(openapi_base).get_schema(routes)).encode(),
                 "service": service,
-                "hash_limiter": anyio.CapacityLimiter(os.cpu_count() or 1),
+                "hash_limiter": anyio.CapacityLimiter(settings.hash_concurrency),
                 "metadata": server_metadata(settings),
             }
             tasks.cancel_scope.cancel()
@@ -314,7 +312,6 @@ def create_app(settings: Settings, clock: Callable[[], float] = time.time) -> St
         exception_handlers={
             AuthError: render_auth_error,
             HTTPException: render_http_error,
-            Exception: render_server_error,
         },
     )
     app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)

@@ -16,7 +16,7 @@ from jwtauth.config import OVERRIDABLE, Settings
 from jwtauth.errors import AuthError, ConfigError, KeyStoreError, RotationTooEarlyError, StoreError
 from jwtauth.keys import KeyEntry, KeyPolicy, KeyStore
 from jwtauth.passwords import PasswordHasher
-from jwtauth.service import UserAdmin
+from jwtauth.service import UserAdmin, normalise_email
 from jwtauth.store import Store
 
 
@@ -72,6 +72,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"jwtauth: {exc.description if isinstance(exc, AuthError) else exc}", file=sys.stderr)
     except (ConfigError, KeyStoreError, StoreError) as exc:
         print(f"jwtauth: {exc}", file=sys.stderr)
+    except UnicodeError:
+        print("jwtauth: the input is not valid UTF-8 text", file=sys.stderr)
+    except (EOFError, KeyboardInterrupt):
+        print("\njwtauth: interrupted; nothing was changed", file=sys.stderr)
     return 1
 
 
@@ -84,8 +88,12 @@ def serve(settings: Settings, overrides: dict[str, str], host: str, port: int, w
 
     if workers < 1:
         raise CommandError("--workers must be at least 1")
+    if not 0 < port < 65536:
+        raise CommandError(f"--port must be from 1 to 65535, not {port}")
     open_service(settings).store.close()
     os.environ.update(overrides)  # the workers read their settings from the environment
+    # The cores are shared by the workers: together they hash at most one password per core at a time.
+    os.environ.setdefault("JWTAUTH_HASH_CONCURRENCY", str(max(1, settings.hash_concurrency // workers)))
     log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
     log_config["loggers"]["jwtauth"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
     uvicorn.run(
@@ -95,7 +103,7 @@ def serve(settings: Settings, overrides: dict[str, str], host: str, port: int, w
         port=port,
         workers=workers,
         lifespan="on",
-        proxy_headers=False,  # X-Forwarded-For is not trusted from anyone
+        proxy_headers=False,  # the app reads X-Forwarded-For itself, from JWTAUTH_TRUSTED_PROXIES only
         server_header=False,
         log_config=log_config,
     )
@@ -103,10 +111,10 @@ def serve(settings: Settings, overrides: dict[str, str], host: str, port: int, w
 
 
 def read_new_password(from_stdin: bool) -> str:
-    """Read a password: all of stdin less one trailing newline, or a no-echo prompt asked twice."""
+    """Read a password: all of stdin less one trailing newline (LF or CRLF), or a no-echo prompt asked twice."""
     if from_stdin:
         password = sys.stdin.read()
-        return password[:-1] if password.endswith("\n") else password
+        return password.removesuffix("\r\n") if password.endswith("\r\n") else password.removesuffix("\n")
     password = getpass.getpass("Password: ")
     if getpass.getpass("Repeat password: ") != password:
         raise CommandError("the passwords do not match")
@@ -114,7 +122,7 @@ def read_new_password(from_stdin: bool) -> str:
 
 
 def manage_users(settings: Settings, args: argparse.Namespace) -> int:
-    store = Store(settings.db_path)
+    store = Store(settings.db_path, settings.db_busy_timeout)
     store.migrate()
     admin = UserAdmin(store, PasswordHasher(settings.argon2), time.time)
     if args.action == "add":
@@ -123,12 +131,12 @@ def manage_users(settings: Settings, args: argparse.Namespace) -> int:
     elif args.action == "passwd":
         admin.find_user(args.email)  # before asking for a password
         admin.set_password(args.email, read_new_password(args.password_stdin))
-        print(f"password changed for {args.email.strip().lower()}")
+        print(f"password changed for {normalise_email(args.email)}")
     elif args.action == "revoke-sessions":
-        print(f"revoked {admin.revoke_sessions(args.email)} sessions of {args.email.strip().lower()}")
+        print(f"revoked {admin.revoke_sessions(args.email)} sessions of {normalise_email(args.email)}")
     elif args.action in ("disable", "enable"):
         admin.set_disabled(args.email, args.action == "disable")
-        print(f"{args.action}d {args.email.strip().lower()}")
+        print(f"{args.action}d {normalise_email(args.email)}")
     else:
         for user in store.list_users():
             state = "disabled" if user.is_disabled else "enabled"

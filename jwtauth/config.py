@@ -22,7 +22,7 @@ OVERRIDABLE = (
     "DATABASE", "KEYS_DIR", "ISSUER", "AUDIENCE", "ACCESS_TTL", "REFRESH_TTL", "REFRESH_REUSE_INTERVAL",
     "LEEWAY", "KEY_SIZE", "KEY_ROTATE_EVERY", "JWKS_MAX_AGE", "ARGON2_TIME_COST", "ARGON2_MEMORY_KIB",
     "ARGON2_PARALLELISM", "LOGIN_MAX_FAILURES", "LOGIN_WINDOW", "LOGIN_MAX_FAILURES_PER_ADDRESS",
-    "TRUSTED_PROXIES", "OPEN_REGISTRATION", "PASSWORD_GRANT",
+    "TRUSTED_PROXIES", "DB_BUSY_TIMEOUT_MS", "HASH_CONCURRENCY", "OPEN_REGISTRATION", "PASSWORD_GRANT",
 )  # fmt: skip
 CLIENT_ID = "jwtauth"  # the first-party client every token is issued to (RFC 9068 §2.2 client_id)
 
@@ -48,6 +48,8 @@ class Settings:
     login_window: int = 900
     login_max_failures_per_address: int = 50  # across all emails: a ceiling on credential stuffing
     trusted_proxies: tuple[IPNetwork, ...] = ()  # peers whose X-Forwarded-For is believed
+    db_busy_timeout: float = 10.0  # seconds a write waits for other writers before answering 503
+    hash_concurrency: int = field(default_factory=lambda: len(os.sched_getaffinity(0)))  # Argon2 at once
     open_registration: bool = False
     password_grant: bool = False
 
@@ -96,6 +98,8 @@ class Settings:
                 "LOGIN_MAX_FAILURES_PER_ADDRESS", defaults.login_max_failures_per_address, minimum=1
             ),
             trusted_proxies=reader.networks("TRUSTED_PROXIES"),
+            db_busy_timeout=reader.number("DB_BUSY_TIMEOUT_MS", int(defaults.db_busy_timeout * 1000)) / 1000,
+            hash_concurrency=reader.number("HASH_CONCURRENCY", defaults.hash_concurrency, minimum=1),
             open_registration=reader.flag("OPEN_REGISTRATION", defaults.open_registration),
             password_grant=reader.flag("PASSWORD_GRANT", defaults.password_grant),
         )
@@ -113,7 +117,7 @@ class _Reader:
             raise ConfigError(f"JWTAUTH_{name} must not be empty")
         return value
 
-    def number(self, name: str, default: int, minimum: int = 0) -> int:
+    def number(self, name: str, default: int, minimum: int = 0, maximum: int = 1_000_000_000) -> int:
         raw = self.env.get(f"JWTAUTH_{name}")
         if raw is None:
             return default
@@ -121,8 +125,8 @@ class _Reader:
             value = int(raw.strip())
         except ValueError:
             raise ConfigError(f"JWTAUTH_{name} must be a whole number, not {raw!r}") from None
-        if value < minimum:
-            raise ConfigError(f"JWTAUTH_{name} must be at least {minimum}, not {value}")
+        if not minimum <= value <= maximum:
+            raise ConfigError(f"JWTAUTH_{name} must be from {minimum} to {maximum}, not {value}")
         return value
 
     def networks(self, name: str) -> tuple[IPNetwork, ...]:

@@ -8,6 +8,7 @@ class AuthError(Exception):
 
     error = "invalid_request"  # RFC 6749 §5.2 / RFC 6750 §3.1 error code
     status_code = 400
+    retry_after: int | None = None  # seconds, sent as Retry-After
 
     def __init__(self, description: str = "") -> None:
         super().__init__(description or self.error)
@@ -62,6 +63,12 @@ class SlowDownError(AuthError):
     def __init__(self, retry_after: int) -> None:
         super().__init__("too many failed logins; try again later")
         self.retry_after = retry_after
+
+
+class TemporarilyUnavailableError(AuthError):
+    """The database stayed locked by other writers for the whole busy timeout (RFC 6749 §4.1.2.1)."""
+
+    error, status_code, retry_after = "temporarily_unavailable", 503, 1
 
 
 class ConfigError(Exception):

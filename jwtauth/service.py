@@ -18,7 +18,9 @@ from jwtauth.tokens import (
     AccessClaims,
     hash_refresh_token,
     new_refresh_token,
+    new_session_id,
     new_token_id,
+    session_of_refresh_token,
     sign_access_token,
     verify_access_token,
 )
@@ -126,10 +128,12 @@ class AuthService:
                 which revokes the whole session.
         """
         now = self.now()
-        successor = new_refresh_token()
+        named_session = session_of_refresh_token(refresh_token)
+        successor = new_refresh_token(named_session or new_session_id())  # stored only if that is its session
         ttl = self.settings.refresh_ttl
         rotation = self.store.rotate_refresh_token(
             hash_refresh_token(refresh_token),
+            named_session,
             hash_refresh_token(successor),
             now,
             now + ttl,
@@ -213,9 +217,10 @@ class AuthService:
 
     def _start_session(self, user: User) -> TokenPair:
         now = self.now()
-        refresh_token = new_refresh_token()
+        session_id = new_session_id()
+        refresh_token = new_refresh_token(session_id)
         refresh_ttl = self.settings.refresh_ttl
-        session_id = self.store.start_session(user.id, hash_refresh_token(refresh_token), now, now + refresh_ttl)
+        self.store.start_session(session_id, user.id, hash_refresh_token(refresh_token), now, now + refresh_ttl)
         return TokenPair(
             self._access_token(user, session_id, now), self.settings.access_ttl, refresh_token, refresh_ttl
         )
@@ -323,9 +328,11 @@ def check_password(password: str) -> None:
     """Check a new password's length.
 
     Raises:
-        InvalidRequestError: shorter than 8 or longer than 1024 characters.
+        InvalidRequestError: shorter than 8 or longer than 1024 characters, or holding a NUL or lone surrogate.
     """
     if len(password) < MIN_PASSWORD_LENGTH:
         raise InvalidRequestError(f"password must be at least {MIN_PASSWORD_LENGTH} characters")
     if len(password) > MAX_PASSWORD_LENGTH:
         raise InvalidRequestError(f"password must be at most {MAX_PASSWORD_LENGTH} characters")
+    if "\x00" in password or (not password.isprintable() and any(0xD800 <= ord(c) <= 0xDFFF for c in password)):
+        raise InvalidRequestError("password holds characters that are not allowed (NUL, unpaired surrogates)")

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from sqlite_utils import Database
 
-from jwtauth.errors import ConflictError, StoreError
+from jwtauth.errors import ConflictError, StoreError, TemporarilyUnavailableError
 
 # Each entry moves the schema one version up; PRAGMA user_version records how far a database has come.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -93,17 +93,19 @@ def _user(row: Any) -> User | None:
 
 
 class Store:
-    """The SQLite database: one connection per thread, WAL, foreign keys on, a 5 s busy timeout."""
+    """The SQLite database: one connection per thread, WAL, foreign keys on, and a busy timeout after
+    which a write that other writers keep waiting fails with TemporarilyUnavailableError."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, busy_timeout: float = 10.0) -> None:
         self.path = path
+        self.busy_timeout = busy_timeout
         self._local = threading.local()
 
     @property
     def _db(self) -> Database:
         db: Database | None = getattr(self._local, "db", None)
         if db is None:
-            conn = sqlite3.connect(self.path, timeout=5.0)
+            conn = sqlite3.connect(self.path, timeout=self.busy_timeout)
             db = Database(conn, recursive_triggers=False, execute_plugins=False)
             db.execute("pragma foreign_keys = on")
             db.execute("pragma synchronous = normal")  # durable in WAL mode, fsyncs only at checkpoints
@@ -118,13 +120,16 @@ class Store:
         busy timeout instead of failing on a lock upgrade half way through.
         """
         db = self._db
-        db.execute("begin immediate")
+        try:
+            db.execute("begin immediate")
+        except sqlite3.OperationalError as exc:
+            raise TemporarilyUnavailableError("the database is busy; try again") from exc
         try:
             yield db
+            db.conn.commit()
         except BaseException:
-            db.conn.rollback()
+            db.conn.rollback()  # also when the commit failed: never keep the write lock
             raise
-        db.conn.commit()
 
     def migrate(self) -> None:
         """Create the database file if needed, switch it to WAL and apply the migrations it lacks.
@@ -143,9 +148,10 @@ class Store:
                     for statement in statements:
                         db.execute(statement)
                     db.execute(f"pragma user_version = {number}")
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, TemporarilyUnavailableError) as exc:
             self.close()
-            raise StoreError(f"cannot use database {self.path}: {exc}") from None
+            cause = exc.__cause__ if isinstance(exc, TemporarilyUnavailableError) else exc
+            raise StoreError(f"cannot use database {self.path}: {cause}") from None
 
     def schema_version(self) -> int:
         """Return the migration the database is at (0 for a new file)."""
@@ -209,25 +215,25 @@ class Store:
 
     # Sessions and refresh tokens
 
-    def start_session(self, user_id: str, token_hash: str, now: int, expires_at: int) -> str:
-        """Create a session (a refresh-token family) with its first refresh token; return the session id."""
-        session_id = str(uuid.uuid4())
+    def start_session(self, session_id: str, user_id: str, token_hash: str, now: int, expires_at: int) -> None:
+        """Create a session (a refresh-token family) with its first refresh token."""
         with self._write() as db:
             db.execute("insert into sessions (id, user_id, created_at) values (?, ?, ?)", [session_id, user_id, now])
             db.execute(
                 "insert into refresh_tokens (token_hash, session_id, issued_at, expires_at) values (?, ?, ?, ?)",
                 [token_hash, session_id, now, expires_at],
             )
-        return session_id
 
     def rotate_refresh_token(
-        self, token_hash: str, new_hash: str, now: int, expires_at: int, reuse_interval: int
+        self, token_hash: str, named_session: str | None, new_hash: str, now: int, expires_at: int, reuse_interval: int
     ) -> Rotation:
         """Spend a refresh token and store its successor, or detect its reuse; one write transaction.
 
         BEGIN IMMEDIATE takes SQLite's write lock before the token is read, so concurrent refreshes of
         one token, from any thread or process, are decided one after another: exactly one finds it unspent.
-        A reuse after the interval revokes the session, and that revocation is committed.
+        A reuse after the interval revokes the session, and that revocation is committed. Spent tokens are
+        kept only while a reuse of them would be forgiven; after that, a token that is not stored but
+        names a live session (`named_session`, from the token's prefix) can only be a spent one: a reuse.
         """
         with self._write() as db:
             row = db.execute(
@@ -238,21 +244,20 @@ class Store:
                 [token_hash],
             ).fetchone()
             if row is None:
-                return Rotation("invalid")
+                return _replay_of_forgotten_token(db, named_session, now)
             session_id, token_expires_at, used_at, revoked_at = row[:4]
             user = _user(row[4:])
             assert user is not None
-            if revoked_at is not None or user.is_disabled or token_expires_at <= now:
+            if revoked_at is not None or user.is_disabled or token_expires_at <= now or named_session != session_id:
                 return Rotation("invalid", user, session_id)
-            if used_at is not None and not (reuse_interval > 0 and now - used_at <= reuse_interval):
+            if used_at is not None and now - used_at >= reuse_interval:
                 _revoke_sessions(db, "id = ?", [session_id], now)
                 return Rotation("reuse_detected", user, session_id)
             if used_at is None:
                 db.execute("update refresh_tokens set used_at = ? where token_hash = ?", [now, token_hash])
-                # Only the token just spent is kept to recognise a replay; older spent ones go.
-                db.execute(
-                    "delete from refresh_tokens where session_id = ? and used_at is not null and token_hash != ?",
-                    [session_id, token_hash],
+                db.execute(  # spent tokens out of the reuse interval: a replay of them is told by the prefix
+                    "delete from refresh_tokens where session_id = ? and used_at <= ? and token_hash != ?",
+                    [session_id, now - reuse_interval, token_hash],
                 )
             db.execute(
                 "insert into refresh_tokens (token_hash, session_id, issued_at, expires_at) values (?, ?, ?, ?)",
@@ -335,6 +340,23 @@ class Store:
         except sqlite3.Error:
             return False
         return True
+
+
+def _replay_of_forgotten_token(db: Database, named_session: str | None, now: int) -> Rotation:
+    """An unknown refresh token: a reuse, if it names a live session (its own tokens are all stored while
+    unspent, so it was spent); else just invalid. Naming a session takes its id, which only the holders
+    of its tokens see, and they could revoke it anyway."""
+    if named_session is None:
+        return Rotation("invalid")
+    row = db.execute(
+        f"select {_USER_COLUMNS_OF_USERS} from sessions join users on users.id = sessions.user_id"
+        " where sessions.id = ? and sessions.revoked_at is null",
+        [named_session],
+    ).fetchone()
+    if row is None:
+        return Rotation("invalid")
+    _revoke_sessions(db, "id = ?", [named_session], now)
+    return Rotation("reuse_detected", _user(row), named_session)
 
 
 def _revoke_sessions(db: Database, where: str, params: list[object], now: int) -> int:

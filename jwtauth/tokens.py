@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import uuid
 from collections.abc import Callable
 from typing import Any, TypedDict, cast
 
@@ -131,9 +132,27 @@ def public_keys_of(jwks: object) -> dict[str, rsa.RSAPublicKey]:
     return found
 
 
-def new_refresh_token() -> str:
-    """Return a new opaque refresh token: 256 bits from `secrets`, URL-safe."""
-    return secrets.token_urlsafe(32)
+def new_session_id() -> str:
+    """Return a new session id (the `sid` claim): a random UUID."""
+    return str(uuid.uuid4())
+
+
+def new_refresh_token(session_id: str) -> str:
+    """Return a new opaque refresh token, `<session id>.<256 bits from secrets>`, URL-safe.
+
+    Only its hash is stored. The session id in it lets a replay of a long-spent token still be told
+    from a made-up one, so that it revokes its session (RFC 9700 §4.14.2).
+    """
+    return f"{session_id}.{secrets.token_urlsafe(32)}"
+
+
+def session_of_refresh_token(token: str) -> str | None:
+    """Return the session id that a refresh token names, if it names a well-formed one."""
+    prefix, dot, _ = token.partition(".")
+    try:
+        return str(uuid.UUID(prefix)) if dot else None
+    except ValueError:
+        return None
 
 
 def hash_refresh_token(token: str) -> str:

@@ -10,7 +10,7 @@ import uuid
 from collections.abc import Mapping
 
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -20,7 +20,6 @@ from jwtauth.errors import (
     BodyTooLargeError,
     InvalidRequestError,
     InvalidTokenError,
-    SlowDownError,
     UnsupportedMediaTypeError,
 )
 from jwtauth.service import TokenPair
@@ -48,7 +47,7 @@ def parse_bearer(authorization: str | None) -> str:
 
 
 async def read_params(request: Request) -> Mapping[str, object]:
-    """Return the fields of a JSON object or form-encoded body; an empty body gives no fields.
+    """Return the fields of a JSON object or form-encoded body; an empty body, of any type, gives none.
 
     Raises:
         InvalidRequestError: malformed JSON, not an object, or a repeated form field (RFC 6749 §3.2).
@@ -56,7 +55,12 @@ async def read_params(request: Request) -> Mapping[str, object]:
         BodyTooLargeError: the body is over 16 KiB.
     """
     content_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
-    body = await request.body()
+    try:
+        body = await request.body()
+    except ClientDisconnect:
+        raise InvalidRequestError("the client went away before its body arrived") from None
+    if not body:
+        return {}
     if content_type == "application/json":
         try:
             params = json.loads(body)
@@ -70,8 +74,6 @@ async def read_params(request: Request) -> Mapping[str, object]:
         if any(len(form.getlist(key)) > 1 for key in form):
             raise InvalidRequestError("a parameter was sent more than once")
         return dict(form)
-    if not body:
-        return {}
     raise UnsupportedMediaTypeError("send application/json or application/x-www-form-urlencoded")
 
 
@@ -103,7 +105,8 @@ def _is_utf8(value: str) -> bool:
 
 class RequestId:
     """Give every request an id, in `request.state.request_id` and the `X-Request-ID` response header,
-    so that a client's report of an error can be found in the log."""
+    and answer an unexpected exception with a JSON 500 naming it, logged once with its traceback under
+    that id; so that a client's report of an error can be found in the log, and the client sees no trace."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -115,12 +118,23 @@ class RequestId:
         request_id = uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
 
+        response_started = False
+
         async def send_with_id(message: Message) -> None:
+            nonlocal response_started
             if message["type"] == "http.response.start":
+                response_started = True
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
             await send(message)
 
-        await self.app(scope, receive, send_with_id)
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception as exc:
+            log.error("unhandled error, request_id=%s", request_id, exc_info=exc)
+            if response_started:  # too late for a 500: the server closes the connection
+                return
+            body = {"error": "server_error", "error_description": "internal error", "request_id": request_id}
+            await JSONResponse(body, 500, {"Cache-Control": "no-store"})(scope, receive, send_with_id)
 
 
 class BodyLimit:
@@ -168,9 +182,7 @@ async def render_auth_error(request: Request, exc: Exception) -> Response:
     if exc.status_code == 401:
         log.info("bearer token rejected: %s", exc.description)  # the client is told only invalid_token
         exc = InvalidTokenError("the access token is invalid, expired or revoked")
-    if isinstance(exc, SlowDownError):
-        return _error_response(exc, {"Retry-After": str(exc.retry_after)})
-    return _error_response(exc)
+    return _error_response(exc, {"Retry-After": str(exc.retry_after)} if exc.retry_after else None)
 
 
 _HTTP_ERRORS = {404: "not_found", 405: "method_not_allowed", 413: "invalid_request"}
@@ -183,15 +195,6 @@ async def render_http_error(request: Request, exc: Exception) -> Response:
     error.error = _HTTP_ERRORS.get(exc.status_code, "invalid_request")
     error.status_code = exc.status_code
     return _error_response(error, exc.headers)
-
-
-async def render_server_error(request: Request, exc: Exception) -> Response:
-    """Log an unexpected exception under the request id; the client gets the id, never the traceback."""
-    request_id = request.scope.get("state", {}).get("request_id", "-")
-    log.error("unhandled error, request_id=%s", request_id, exc_info=exc)
-    body = {"error": "server_error", "error_description": "internal error", "request_id": request_id}
-    # Sent from outside the RequestId middleware, so the header is set here.
-    return JSONResponse(body, 500, {"Cache-Control": "no-store", "X-Request-ID": request_id})
 
 
 def etag_matches(if_none_match: str | None, etag: str) -> bool:

@@ -153,15 +153,15 @@ def start_server(env: Mapping[str, str], *args: str) -> Server:
     raise RuntimeError("jwtauth serve did not become healthy in 30 s")
 
 
-def stop_server(server: Server) -> None:
+def stop_server(server: Server) -> str:
+    """Stop the server; return what it logged (its stderr)."""
     server.process.terminate()
     try:
-        server.process.wait(timeout=10)
+        _, log = server.process.communicate(timeout=10)
     except subprocess.TimeoutExpired:
         server.process.kill()
-        server.process.wait()
-    if server.process.stderr:
-        server.process.stderr.close()
+        _, log = server.process.communicate()
+    return log or ""
 
 
 class Clock:

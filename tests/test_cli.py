@@ -184,6 +184,7 @@ def test_password_prompt_does_not_echo(env: dict[str, str]) -> None:
         ("JWTAUTH_ARGON2_MEMORY_KIB", "lots", "JWTAUTH_ARGON2_MEMORY_KIB"),
         ("JWTAUTH_PASSWORD_GRANT", "maybe", "JWTAUTH_PASSWORD_GRANT"),
         ("JWTAUTH_ISSUER", "auth.example.com", "JWTAUTH_ISSUER"),
+        ("JWTAUTH_REFRESH_TTL", "99999999999999999999", "JWTAUTH_REFRESH_TTL"),
     ],
 )
 def test_bad_setting_stops_serve_with_one_line(env: dict[str, str], variable: str, value: str, expected: str) -> None:
@@ -236,3 +237,46 @@ def test_login_after_cli_add_through_the_app(env: dict[str, str]) -> None:
     add(env, "carol@example.com")
     with TestClient(create_app(Settings.from_env(env))) as client:
         assert login(client, "carol@example.com")["token_type"] == "Bearer"
+
+
+def test_password_stdin_strips_one_crlf(env: dict[str, str]) -> None:
+    run_cli("users", "add", "carol@example.com", "--password-stdin", env=env, stdin=PASSWORD + "\r\n")
+
+    assert can_log_in(env, "carol@example.com", PASSWORD)
+
+
+def test_password_with_a_nul_fails_and_writes_nothing(env: dict[str, str]) -> None:
+    add(env, "seed@example.com")
+    before = table_counts(Path(env["JWTAUTH_DATABASE"]))
+
+    assert_fails_cleanly(add(env, "carol@example.com", "correct\x00horse"), "password")
+    assert table_counts(Path(env["JWTAUTH_DATABASE"])) == before
+
+
+def test_password_stdin_that_is_not_utf8_fails_cleanly(env: dict[str, str]) -> None:
+    clean = {key: value for key, value in os.environ.items() if not key.startswith("JWTAUTH_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "jwtauth", "users", "add", "carol@example.com", "--password-stdin"],
+        env={**clean, **env}, input=b"\xff\xfe not utf-8 at all\n", capture_output=True, check=False,
+    )  # fmt: skip
+
+    assert result.returncode == 1  # refused as undecodable, or (surrogateescape) as lone surrogates
+    assert len(result.stderr.decode().strip().splitlines()) == 1 and b"Traceback" not in result.stderr
+    assert table_counts(Path(env["JWTAUTH_DATABASE"]))["users"] == 0
+
+
+def test_password_prompt_without_a_terminal_or_input_fails_cleanly(env: dict[str, str]) -> None:
+    clean = {key: value for key, value in os.environ.items() if not key.startswith("JWTAUTH_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "jwtauth", "users", "add", "carol@example.com"], env={**clean, **env},
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False, start_new_session=True,
+    )  # fmt: skip
+
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr and "nothing was changed" in result.stderr
+    assert table_counts(Path(env["JWTAUTH_DATABASE"]))["users"] == 0
+
+
+@pytest.mark.parametrize("port", ["0", "65536", "99999"])
+def test_serve_refuses_a_port_out_of_range(env: dict[str, str], port: str) -> None:
+    assert_fails_cleanly(run_cli("serve", "--port", port, env=env), "--port")

@@ -149,7 +149,7 @@ def test_an_unexpected_error_is_a_json_500_with_a_request_id_in_the_log(
     settings: Settings, caplog: pytest.LogCaptureFixture
 ) -> None:
     add_user(settings, "alice@example.com")
-    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+    with TestClient(create_app(settings)) as client:  # it would raise what the app let escape
         with sqlite3.connect(settings.db_path) as conn:
             conn.execute("alter table users rename to lost")  # the database breaks under the running server
 
@@ -186,3 +186,21 @@ def test_no_secret_reaches_the_log(settings: Settings, caplog: pytest.LogCapture
 
     assert caplog.records  # something was logged at all
     assert not [secret for secret in secrets + pem_lines if secret in caplog.text]
+
+
+def test_a_database_locked_past_the_busy_timeout_gets_503(env: dict[str, str]) -> None:
+    settings = Settings.from_env({**env, "JWTAUTH_DB_BUSY_TIMEOUT_MS": "200"})
+    add_user(settings, "alice@example.com")
+    with TestClient(create_app(settings)) as client:
+        other_writer = sqlite3.connect(settings.db_path)
+        other_writer.execute("begin immediate")
+        try:
+            response = client.post("/login", json={"email": "alice@example.com", "password": PASSWORD})
+        finally:
+            other_writer.rollback()
+            other_writer.close()
+        after = client.post("/login", json={"email": "alice@example.com", "password": PASSWORD})
+
+    assert (response.status_code, response.json()["error"]) == (503, "temporarily_unavailable")
+    assert response.headers["retry-after"] == "1"
+    assert after.status_code == 200

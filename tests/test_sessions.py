@@ -146,6 +146,57 @@ def test_reuse_with_interval_0_revokes_the_family(strict: TestClient, alice: Acc
     assert refresh(strict, other_session["refresh_token"]).status_code == 200  # untouched
 
 
+def test_replay_of_a_token_spent_generations_ago_revokes_the_family(strict: TestClient, alice: Account) -> None:
+    """A thief who keeps rotating a stolen token is found out when the owner presents the old one."""
+    stolen = login(strict, alice.email)
+    thiefs = refresh(strict, stolen["refresh_token"]).json()
+    for _ in range(3):
+        thiefs = refresh(strict, thiefs["refresh_token"]).json()
+
+    assert_invalid_grant(refresh(strict, stolen["refresh_token"]))
+
+    assert_invalid_grant(refresh(strict, thiefs["refresh_token"]))
+    assert strict.get("/userinfo", headers=bearer(thiefs["access_token"])).status_code == 401
+
+
+def test_a_made_up_token_naming_a_live_session_revokes_it(strict: TestClient, alice: Account) -> None:
+    """Only holders of the session's tokens know its id, and they could revoke it anyway (/revoke)."""
+    pair = login(strict, alice.email)
+    made_up = sid_of(pair) + ".made-up-secret"
+
+    assert_invalid_grant(refresh(strict, made_up))
+
+    assert_invalid_grant(refresh(strict, pair["refresh_token"]))
+
+
+def test_a_made_up_token_naming_no_session_changes_nothing(
+    strict: TestClient, settings: Settings, alice: Account
+) -> None:
+    pair = login(strict, alice.email)
+    before = table_counts(settings.db_path)
+
+    for made_up in ("00000000-0000-4000-8000-000000000000.secret", "not-a-uuid.secret", "no-dot-at-all"):
+        assert_invalid_grant(refresh(strict, made_up))
+
+    assert table_counts(settings.db_path) == before
+    assert refresh(strict, pair["refresh_token"]).status_code == 200
+
+
+def test_late_concurrent_use_within_the_interval_survives_a_further_rotation(
+    lenient: TestClient, clock: Clock, alice: Account
+) -> None:
+    """Two requests raced with the same token; the client rotated the winner's before the loser arrived."""
+    first = login(lenient, alice.email)
+    winner = refresh(lenient, first["refresh_token"]).json()
+    refresh(lenient, winner["refresh_token"])
+    clock.advance(5)
+
+    late = refresh(lenient, first["refresh_token"])
+
+    assert late.status_code == 200
+    assert sid_of(late.json()) == sid_of(first)
+
+
 def test_reuse_within_the_interval_gets_a_pair_in_the_same_family(
     lenient: TestClient, clock: Clock, alice: Account
 ) -> None:
