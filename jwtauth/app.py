@@ -21,11 +21,13 @@ from starlette.routing import BaseRoute, Route
 from starlette.schemas import SchemaGenerator
 
 from jwtauth.config import Settings
-from jwtauth.errors import AuthError, InvalidRequestError, UnsupportedGrantTypeError
+from jwtauth.errors import AccessDeniedError, AuthError, InvalidRequestError, UnsupportedGrantTypeError
 from jwtauth.keys import KeyStore
+from jwtauth.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from jwtauth.metrics import MeasureRequests, Metrics
 from jwtauth.openapi import BASE as openapi_base
 from jwtauth.passwords import MAX_PASSWORD_LENGTH, PasswordHasher
-from jwtauth.service import MAX_EMAIL_LENGTH, AuthService
+from jwtauth.service import MAX_EMAIL_LENGTH, MAX_NAME_LENGTH, AuthService
 from jwtauth.store import Store
 from jwtauth.web import (
     MAX_BODY_BYTES,
@@ -73,6 +75,40 @@ async def _password_login(request: Request, email: str, params: Mapping[str, obj
     # Argon2 runs in a worker thread, at most one per core, so the event loop keeps serving.
     login = functools.partial(service.login, email, password, address)
     return token_response(await anyio.to_thread.run_sync(login, limiter=request.state.hash_limiter))
+
+
+async def register(request: Request) -> Response:
+    """Create an account, when JWTAUTH_OPEN_REGISTRATION=1.
+    ---
+    requestBody:
+      required: true
+      content:
+        application/json: {schema: {$ref: "#/components/schemas/Registration"}}
+        application/x-www-form-urlencoded: {schema: {$ref: "#/components/schemas/Registration"}}
+    responses:
+      "201":
+        description: Created
+        content: {application/json: {schema: {$ref: "#/components/schemas/User"}}}
+      "400": {$ref: "#/components/responses/Error"}
+      "403": {$ref: "#/components/responses/Error"}
+      "409": {$ref: "#/components/responses/Error"}
+      "413": {$ref: "#/components/responses/Error"}
+      "415": {$ref: "#/components/responses/Error"}
+      "429": {$ref: "#/components/responses/Error"}
+    """
+    service: AuthService = request.state.service
+    if not service.settings.open_registration:
+        raise AccessDeniedError("registration is closed; an operator adds users with `jwtauth users add`")
+    params = await read_params(request)
+    email = text_param(params, "email", MAX_EMAIL_LENGTH)
+    password = text_param(params, "password", MAX_PASSWORD_LENGTH)
+    name = params.get("name") or ""
+    if not isinstance(name, str) or len(name) > MAX_NAME_LENGTH or "\x00" in name:
+        raise InvalidRequestError(f"name must be a string of at most {MAX_NAME_LENGTH} characters")
+    address = client_address(request, service.settings.trusted_proxies)
+    create = functools.partial(service.register, email, password, name, address)
+    user = await anyio.to_thread.run_sync(create, limiter=request.state.hash_limiter)
+    return JSONResponse({"id": user.id, "email": user.email, "name": user.name}, 201, {"Cache-Control": "no-store"})
 
 
 async def refresh(request: Request) -> Response:
@@ -227,6 +263,11 @@ async def healthz(request: Request) -> Response:
     return JSONResponse({"status": "unavailable"}, 503, {"Cache-Control": "no-store"})
 
 
+async def prometheus(request: Request) -> Response:
+    metrics: Metrics = request.state.metrics
+    return Response(await anyio.to_thread.run_sync(metrics.render), media_type=METRICS_CONTENT_TYPE)
+
+
 async def openapi(request: Request) -> Response:
     return Response(request.state.openapi, media_type="application/json")
 
@@ -282,11 +323,14 @@ def create_app(settings: Settings, clock: Callable[[], float] = time.time) -> St
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         service = await anyio.to_thread.run_sync(open_service, settings, clock)
+        metrics = Metrics(service, {route.path for route in routes if isinstance(route, Route)})
+        service.on_event = metrics.count_event
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(maintain, service)
             yield {
                 "openapi": json.dumps(SchemaGenerator(openapi_base).get_schema(routes)).encode(),
                 "service": service,
+                "metrics": metrics,
                 "hash_limiter": anyio.CapacityLimiter(settings.hash_concurrency),
                 "metadata": server_metadata(settings),
             }
@@ -295,6 +339,7 @@ def create_app(settings: Settings, clock: Callable[[], float] = time.time) -> St
 
     routes: list[BaseRoute] = [
         Route("/login", login, methods=["POST"]),
+        Route("/users", register, methods=["POST"]),
         Route("/refresh", refresh, methods=["POST"]),
         Route("/token", token, methods=["POST"]),
         Route("/revoke", revoke, methods=["POST"]),
@@ -305,6 +350,7 @@ def create_app(settings: Settings, clock: Callable[[], float] = time.time) -> St
         Route("/.well-known/oauth-authorization-server", metadata, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"], include_in_schema=False),
+        Route("/metrics", prometheus, methods=["GET"], include_in_schema=False),
     ]
     app = Starlette(
         routes=routes,
@@ -316,6 +362,7 @@ def create_app(settings: Settings, clock: Callable[[], float] = time.time) -> St
     )
     app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
     app.add_middleware(RequestId)
+    app.add_middleware(MeasureRequests)
     return app
 
 

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import copy
 import getpass
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 
 from jwtauth.config import OVERRIDABLE, Settings
 from jwtauth.errors import AuthError, ConfigError, KeyStoreError, RotationTooEarlyError, StoreError
@@ -37,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--workers", type=int, default=1)
+    serve.add_argument("--log-format", choices=["text", "json"], default="text", help="json: one object per line")
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
 
     users = verbs.add_parser("users", help="manage users").add_subparsers(dest="action", required=True)
     for action in ("add", "passwd"):
@@ -48,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     users.add_parser("list", parents=[config])
     for action in ("disable", "enable", "revoke-sessions"):
         users.add_parser(action, parents=[config]).add_argument("email")
+
+    db = verbs.add_parser("db", help="back up or check the database").add_subparsers(dest="action", required=True)
+    db.add_parser("backup", parents=[config], help="copy the database online, consistently").add_argument("path")
+    db.add_parser("check", parents=[config], help="run SQLite's integrity checks; exit 1 on a problem")
 
     keys = verbs.add_parser("keys", help="manage signing keys").add_subparsers(dest="action", required=True)
     keys.add_parser("list", parents=[config]).add_argument("--json", action="store_true")
@@ -64,9 +72,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = Settings.from_env({**os.environ, **overrides})
         if args.verb == "serve":
-            return serve(settings, overrides, args.host, args.port, args.workers)
+            return serve(settings, overrides, args)
         if args.verb == "users":
             return manage_users(settings, args)
+        if args.verb == "db":
+            return manage_database(settings, args)
         return manage_keys(settings, args)
     except (AuthError, CommandError) as exc:
         print(f"jwtauth: {exc.description if isinstance(exc, AuthError) else exc}", file=sys.stderr)
@@ -79,13 +89,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 1
 
 
-def serve(settings: Settings, overrides: dict[str, str], host: str, port: int, workers: int) -> int:
+def serve(settings: Settings, overrides: dict[str, str], args: argparse.Namespace) -> int:
     """Prepare the database and keys here, so a bad setting fails once and clearly; then run uvicorn."""
     import uvicorn
-    import uvicorn.config
 
     from jwtauth.app import open_service
+    from jwtauth.logs import logging_config
 
+    host, port, workers = args.host, args.port, args.workers
     if workers < 1:
         raise CommandError("--workers must be at least 1")
     if not 0 < port < 65536:
@@ -94,19 +105,25 @@ def serve(settings: Settings, overrides: dict[str, str], host: str, port: int, w
     os.environ.update(overrides)  # the workers read their settings from the environment
     # The cores are shared by the workers: together they hash at most one password per core at a time.
     os.environ.setdefault("JWTAUTH_HASH_CONCURRENCY", str(max(1, settings.hash_concurrency // workers)))
-    log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
-    log_config["loggers"]["jwtauth"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
-    uvicorn.run(
-        "jwtauth.app:create_app_from_env",
-        factory=True,
-        host=host,
-        port=port,
-        workers=workers,
-        lifespan="on",
-        proxy_headers=False,  # the app reads X-Forwarded-For itself, from JWTAUTH_TRUSTED_PROXIES only
-        server_header=False,
-        log_config=log_config,
-    )
+    metrics_dir = None
+    if workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:  # counters shared by the workers
+        metrics_dir = tempfile.mkdtemp(prefix="jwtauth-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    try:
+        uvicorn.run(
+            "jwtauth.app:create_app_from_env",
+            factory=True,
+            host=host,
+            port=port,
+            workers=workers,
+            lifespan="on",
+            proxy_headers=False,  # the app reads X-Forwarded-For itself, from JWTAUTH_TRUSTED_PROXIES only
+            server_header=False,
+            log_config=logging_config(args.log_format, args.log_level.upper()),
+        )
+    finally:
+        if metrics_dir:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
 
 
@@ -142,6 +159,21 @@ def manage_users(settings: Settings, args: argparse.Namespace) -> int:
             state = "disabled" if user.is_disabled else "enabled"
             print(f"{user.email}\t{user.name}\t{state}\t{user.id}\t{_iso(user.created_at)}")
     return 0
+
+
+def manage_database(settings: Settings, args: argparse.Namespace) -> int:
+    if not settings.db_path.exists():
+        raise CommandError(f"no database at {settings.db_path}")
+    store = Store(settings.db_path, settings.db_busy_timeout)
+    if args.action == "backup":
+        store.backup(Path(args.path))
+        print(f"backed up {settings.db_path} to {args.path}")
+        return 0
+    problems = store.check_integrity()
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    print("ok" if not problems else f"{len(problems)} problems in {settings.db_path}")
+    return 1 if problems else 0
 
 
 def manage_keys(settings: Settings, args: argparse.Namespace) -> int:

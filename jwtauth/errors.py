@@ -38,9 +38,15 @@ class InvalidTokenError(AuthError):
 
 
 class ConflictError(AuthError):
-    """A resource that already exists, e.g. a registered email."""
+    """An email that is already registered."""
 
-    error, status_code = "conflict", 409
+    error, status_code = "email_taken", 409
+
+
+class AccessDeniedError(AuthError):
+    """A request the configuration refuses, e.g. registration while it is closed."""
+
+    error, status_code = "access_denied", 403
 
 
 class UnsupportedMediaTypeError(AuthError):

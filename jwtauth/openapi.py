@@ -40,6 +40,15 @@ BASE: dict[str, Any] = {
                 refresh_expires_in={"type": "integer"},
             ),
             "Login": _object(["email", "password"], email=_string(254), password=_string(1024)),
+            "Registration": _object(
+                ["email", "password"],
+                email=_string(254),
+                password=_string(1024),
+                name={"type": "string", "maxLength": 200},
+            ),
+            "User": _object(
+                ["id", "email", "name"], id={"type": "string"}, email={"type": "string"}, name={"type": "string"}
+            ),
             "Refresh": _object(["refresh_token"], refresh_token=_string(4096)),
             "Revoke": _object(
                 ["token"],

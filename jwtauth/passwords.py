@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import secrets
+from importlib import resources
 
 import argon2
 from argon2.exceptions import InvalidHashError, VerificationError
 
 MIN_PASSWORD_LENGTH = 8
 MAX_PASSWORD_LENGTH = 1024
+# The most common passwords of 8 characters or more, from public breach lists: refused for new passwords.
+COMMON_PASSWORDS = frozenset(
+    line.strip().lower()
+    for line in resources.files("jwtauth").joinpath("common_passwords.txt").read_text().splitlines()
+    if line.strip() and not line.startswith("#")
+)
 
 
 class PasswordHasher:

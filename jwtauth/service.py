@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from jwtauth.config import CLIENT_ID, Settings
 from jwtauth.errors import InvalidGrantError, InvalidRequestError, InvalidTokenError, SlowDownError
 from jwtauth.keys import KeyStore
-from jwtauth.passwords import MAX_PASSWORD_LENGTH, MIN_PASSWORD_LENGTH, PasswordHasher
+from jwtauth.passwords import COMMON_PASSWORDS, MAX_PASSWORD_LENGTH, MIN_PASSWORD_LENGTH, PasswordHasher
 from jwtauth.store import Store, User
 from jwtauth.tokens import (
     AccessClaims,
@@ -28,6 +28,7 @@ from jwtauth.tokens import (
 log = logging.getLogger("jwtauth.audit")
 
 MAX_EMAIL_LENGTH = 254  # RFC 5321 §4.5.3.1.3, less the angle brackets
+MAX_NAME_LENGTH = 200
 _EMAIL = re.compile(r"[^@\s]+@[^@\s.]+(\.[^@\s.]+)+")
 BAD_CREDENTIALS = "invalid email or password"  # one answer for unknown email, wrong password, disabled user
 
@@ -72,6 +73,7 @@ class AuthService:
         keystore: KeyStore,
         hasher: PasswordHasher,
         clock: Callable[[], float] = time.time,
+        on_event: Callable[[str], None] = lambda event: None,
     ) -> None:
         """Raises:
         KeyStoreError: the keys cannot be loaded or created."""
@@ -81,9 +83,14 @@ class AuthService:
         self.keyset = keystore.load_or_create(int(clock()))
         self.hasher = hasher
         self.clock = clock
+        self.on_event = on_event  # told the name of every audit event, e.g. to count it
 
     def now(self) -> int:
         return int(self.clock())
+
+    def _audit(self, event: str, **fields: object) -> None:
+        audit(event, **fields)
+        self.on_event(event)
 
     def login(self, email: str, password: str, address: str) -> TokenPair:
         """Check the credentials of a client at `address` and start a session; blocking (one Argon2 verify).
@@ -99,25 +106,47 @@ class AuthService:
         limits = {pair_key: self.settings.login_max_failures, address_key: self.settings.login_max_failures_per_address}
         retry_after = self.store.take_login_attempt(limits, self.now(), self.settings.login_window)
         if retry_after is not None:
-            audit("login_throttled", address=address)
+            self._audit("login_throttled", address=address)
             raise SlowDownError(retry_after)
         pair = self._check_credentials(email, password)
         self.store.forgive_login_attempt(reset=pair_key, release=address_key)
         return pair
 
+    def register(self, email: str, password: str, name: str, address: str) -> User:
+        """Create an account (open registration); blocking (one Argon2 hash).
+
+        A refused attempt counts against the address's login ceiling, so that probing which emails are
+        taken is as limited as guessing passwords.
+
+        Raises:
+            SlowDownError: too many refused attempts from this address.
+            InvalidRequestError: a bad address, or a password too short, too long or too common.
+            ConflictError: the email is taken.
+        """
+        address_key = _throttle_key("", address)
+        limits = {address_key: self.settings.login_max_failures_per_address}
+        retry_after = self.store.take_login_attempt(limits, self.now(), self.settings.login_window)
+        if retry_after is not None:
+            self._audit("registration_throttled", address=address)
+            raise SlowDownError(retry_after)
+        user = UserAdmin(self.store, self.hasher, self.clock).add_user(email, password, name)
+        self.store.forgive_login_attempt(reset="", release=address_key)
+        self._audit("user_registered", user=user.id)
+        return user
+
     def _check_credentials(self, email: str, password: str) -> TokenPair:
         user = self.store.find_user_by_email(email)
         if user is None:
             self.hasher.verify_dummy(password)  # as long as a wrong password takes
-            audit("login_failed", reason="unknown_email")
+            self._audit("login_failed", reason="unknown_email")
             raise InvalidGrantError(BAD_CREDENTIALS)
         if not self.hasher.verify(user.password_hash, password) or user.is_disabled:
-            audit("login_failed", reason="disabled" if user.is_disabled else "wrong_password", user=user.id)
+            self._audit("login_failed", reason="disabled" if user.is_disabled else "wrong_password", user=user.id)
             raise InvalidGrantError(BAD_CREDENTIALS)
         if self.hasher.needs_rehash(user.password_hash):
             self.store.set_password_hash(user.id, self.hasher.hash(password), self.now())
         pair = self._start_session(user)
-        audit("login_succeeded", user=user.id)
+        self._audit("login_succeeded", user=user.id)
         return pair
 
     def refresh(self, refresh_token: str) -> TokenPair:
@@ -142,9 +171,9 @@ class AuthService:
         user, session_id = rotation.user, rotation.session_id
         if rotation.outcome in ("invalid", "reuse_detected") or user is None or session_id is None:
             event = "refresh_reuse_detected" if rotation.outcome == "reuse_detected" else "refresh_failed"
-            audit(event, user=user.id if user else None, sid=session_id)  # reuse revoked the session
+            self._audit(event, user=user.id if user else None, sid=session_id)  # reuse revoked the session
             raise InvalidGrantError("the refresh token is invalid, expired or revoked")
-        audit("refresh", user=user.id, sid=session_id, outcome=rotation.outcome)
+        self._audit("refresh", user=user.id, sid=session_id, outcome=rotation.outcome)
         return TokenPair(self._access_token(user, session_id, now), self.settings.access_ttl, successor, ttl)
 
     def revoke(self, token: str) -> None:
@@ -155,10 +184,10 @@ class AuthService:
             try:
                 session_id = self._verify(token)["sid"]
             except InvalidTokenError:
-                audit("revoke_ignored")
+                self._audit("revoke_ignored")
                 return
         if self.store.revoke_session(session_id, self.now()):
-            audit("revoke", sid=session_id)
+            self._audit("revoke", sid=session_id)
 
     def logout(self, access_token: str, scope: str) -> None:
         """End the bearer's session (`local`) or every session of its user (`global`).
@@ -174,7 +203,7 @@ class AuthService:
             self.store.revoke_session(claims["sid"], self.now())
         else:
             self.store.revoke_user_sessions(user.id, self.now())
-        audit("logout", user=user.id, sid=claims["sid"], scope=scope)
+        self._audit("logout", user=user.id, sid=claims["sid"], scope=scope)
 
     def maintain_keys(self) -> None:
         """Pick up a key set changed by another process, rotate on schedule, prune; once a second.
@@ -262,7 +291,9 @@ class UserAdmin:
         """
         email = check_email(email)
         check_password(password)
-        return self.store.add_user(email, name.strip(), self.hasher.hash(password), self.now())
+        user = self.store.add_user(email, name.strip(), self.hasher.hash(password), self.now())
+        audit("user_added", user=user.id)
+        return user
 
     def find_user(self, email: str) -> User:
         """Return the user with this email.
@@ -284,6 +315,7 @@ class UserAdmin:
         user = self.find_user(email)
         check_password(password)
         self.store.set_password_hash(user.id, self.hasher.hash(password), self.now())
+        audit("password_changed", user=user.id)
         self.revoke_sessions(email)
 
     def set_disabled(self, email: str, is_disabled: bool) -> None:
@@ -292,7 +324,9 @@ class UserAdmin:
         Raises:
             InvalidRequestError: no such user.
         """
-        self.store.set_user_disabled(self.find_user(email).id, is_disabled, self.now())
+        user = self.find_user(email)
+        self.store.set_user_disabled(user.id, is_disabled, self.now())
+        audit("user_disabled" if is_disabled else "user_enabled", user=user.id)
         if is_disabled:
             self.revoke_sessions(email)
 
@@ -325,14 +359,17 @@ def check_email(email: str) -> str:
 
 
 def check_password(password: str) -> None:
-    """Check a new password's length.
+    """Check a new password: its length, its characters, and that it is not one of the most common.
 
     Raises:
-        InvalidRequestError: shorter than 8 or longer than 1024 characters, or holding a NUL or lone surrogate.
+        InvalidRequestError: shorter than 8 or longer than 1024 characters, one of the most common
+            passwords, or holding a NUL or lone surrogate.
     """
     if len(password) < MIN_PASSWORD_LENGTH:
         raise InvalidRequestError(f"password must be at least {MIN_PASSWORD_LENGTH} characters")
     if len(password) > MAX_PASSWORD_LENGTH:
         raise InvalidRequestError(f"password must be at most {MAX_PASSWORD_LENGTH} characters")
-    if "\x00" in password or (not password.isprintable() and any(0xD800 <= ord(c) <= 0xDFFF for c in password)):
+    if password.lower() in COMMON_PASSWORDS:
+        raise InvalidRequestError("this password is one of the most common ones; choose another")
+    if any(c == "\x00" or "\ud800" <= c <= "\udfff" for c in password):
         raise InvalidRequestError("password holds characters that are not allowed (NUL, unpaired surrogates)")

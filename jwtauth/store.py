@@ -5,6 +5,8 @@ The rest of the package sees only `Store` and the row dataclasses, so that anoth
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sqlite3
 import threading
 import uuid
@@ -152,6 +154,33 @@ class Store:
             self.close()
             cause = exc.__cause__ if isinstance(exc, TemporarilyUnavailableError) else exc
             raise StoreError(f"cannot use database {self.path}: {cause}") from None
+
+    def backup(self, target: Path) -> None:
+        """Copy the database, consistent as of one instant, while others go on writing (SQLite's backup API).
+
+        Raises:
+            StoreError: the copy cannot be made or written.
+        """
+        temporary = target.with_name(f".{target.name}.tmp")
+        try:
+            temporary.unlink(missing_ok=True)
+            with contextlib.closing(sqlite3.connect(temporary)) as copy:
+                self._db.conn.backup(copy)
+            os.chmod(temporary, 0o600)  # it holds the password hashes
+            os.replace(temporary, target)
+        except (OSError, sqlite3.Error) as exc:
+            temporary.unlink(missing_ok=True)
+            raise StoreError(f"cannot back up {self.path} to {target}: {exc}") from None
+
+    def check_integrity(self) -> list[str]:
+        """Return the problems that SQLite's integrity and foreign-key checks find; none if it is sound."""
+        try:
+            db = self._db
+            problems = [str(row[0]) for row in db.execute("pragma integrity_check").fetchall() if row[0] != "ok"]
+            foreign = db.execute("pragma foreign_key_check").fetchall()
+        except sqlite3.DatabaseError as exc:  # too damaged to check at all
+            return [str(exc)]
+        return problems + [f"foreign key broken: {row[0]} row {row[1]}" for row in foreign]
 
     def schema_version(self) -> int:
         """Return the migration the database is at (0 for a new file)."""
@@ -323,6 +352,15 @@ class Store:
         with self._write() as db:
             db.execute("delete from login_attempts where key = ?", [reset])
             db.execute("update login_attempts set attempts = max(attempts - 1, 0) where key = ?", [release])
+
+    def count_live_sessions(self, now: int) -> int:
+        """Return the number of sessions not revoked that hold an unexpired refresh token."""
+        row = self._db.execute(
+            "select count(*) from sessions where revoked_at is null and exists (select 1 from refresh_tokens"
+            " where refresh_tokens.session_id = sessions.id and refresh_tokens.expires_at > ?)",
+            [now],
+        ).fetchone()
+        return int(row[0])
 
     def find_session_user(self, session_id: str) -> User | None:
         """Return the user of a session that exists and is not revoked, if that user is not disabled."""

@@ -22,6 +22,7 @@ from jwtauth.errors import (
     InvalidTokenError,
     UnsupportedMediaTypeError,
 )
+from jwtauth.logs import REQUEST_ID
 from jwtauth.service import TokenPair
 
 log = logging.getLogger("jwtauth")
@@ -117,6 +118,7 @@ class RequestId:
             return
         request_id = uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
+        REQUEST_ID.set(request_id)  # for every log line of this request, in threads too (anyio copies context)
 
         response_started = False
 

@@ -40,7 +40,7 @@ def kid_of(token: object) -> str:
     return str(jwt.get_unverified_header(str(token))["kid"])
 
 
-def wait_for(condition: Callable[[], bool], timeout: float = 3.0) -> None:
+def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
     """Poll until the server's once-a-second key check has acted, or fail."""
     deadline = time.monotonic() + timeout
     while not condition():
@@ -139,15 +139,17 @@ def test_etag_changes_when_the_key_set_does(lifecycle: tuple[TestClient, Clock, 
 # On demand, from another process
 
 
-def test_rotate_is_refused_while_the_next_key_is_too_young(env: dict[str, str]) -> None:
-    before = entries(Path(env["JWTAUTH_KEYS_DIR"]))
+def test_rotate_is_refused_while_the_next_key_is_too_young(env: dict[str, str], tmp_path: Path) -> None:
+    fresh = {**env, "JWTAUTH_KEYS_DIR": str(tmp_path / "new-keys")}
+    assert run_cli("keys", "list", env=fresh).returncode == 0  # a key set made now; max-age is 300 s
+    before = entries(tmp_path / "new-keys")
 
-    result = run_cli("keys", "rotate", env=env)  # the template keys are seconds old; max-age is 300 s
+    result = run_cli("keys", "rotate", env=fresh)
 
     assert result.returncode == 1
     assert len(result.stderr.strip().splitlines()) == 1
     assert "--force" in result.stderr and "rotate can run from 20" in result.stderr
-    assert entries(Path(env["JWTAUTH_KEYS_DIR"])) == before
+    assert entries(tmp_path / "new-keys") == before
 
 
 def test_rotate_force_rotates_at_once(env: dict[str, str]) -> None:

@@ -1,0 +1,112 @@
+"""Prometheus metrics: requests and latencies by endpoint, audit events, and the state read at scrape time.
+
+With several workers, `jwtauth serve` sets PROMETHEUS_MULTIPROC_DIR before any worker starts, so that
+counters and histograms live in files every worker writes and any worker's scrape adds up.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from jwtauth.service import AuthService
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+LOGIN_OUTCOMES = {"login_succeeded": "success", "login_failed": "bad_credentials", "login_throttled": "throttled"}
+
+
+class Metrics:
+    """The metrics of one app; `render()` gives the text exposition format."""
+
+    def __init__(self, service: AuthService, paths: set[str]) -> None:
+        self.service = service
+        self.paths = paths  # anything else is counted as "other", so that scans cannot blow up the label set
+        self._registry = CollectorRegistry()  # ours, not the global one: tests run many apps in one process
+        self.requests = Counter(
+            "jwtauth_http_requests", "HTTP requests by endpoint and status.", ["endpoint", "method", "status"],
+            registry=self._registry,
+        )  # fmt: skip
+        self.latency = Histogram(
+            "jwtauth_http_request_duration_seconds", "Time to answer, by endpoint.", ["endpoint"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0), registry=self._registry,
+        )  # fmt: skip
+        self.logins = Counter("jwtauth_logins", "Logins by outcome.", ["outcome"], registry=self._registry)
+        self.reuses = Counter(
+            "jwtauth_refresh_reuse_detections", "Refresh tokens reused after the interval: session revoked.",
+            registry=self._registry,
+        )  # fmt: skip
+        self.events = Counter("jwtauth_audit_events", "Audit events by name.", ["event"], registry=self._registry)
+        self._state = CollectorRegistry()
+        self._state.register(_State(service))
+
+    def count_event(self, event: str) -> None:
+        """Hooked to the service: every audit event."""
+        self.events.labels(event).inc()
+        if event in LOGIN_OUTCOMES:
+            self.logins.labels(LOGIN_OUTCOMES[event]).inc()
+        elif event == "refresh_reuse_detected":
+            self.reuses.inc()
+
+    def render(self) -> bytes:
+        """The text exposition of every metric: all workers' counters, then this moment's state."""
+        counters = self._registry
+        if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+            counters = CollectorRegistry()
+            MultiProcessCollector(counters)  # type: ignore[no-untyped-call]
+        return generate_latest(counters) + generate_latest(self._state)
+
+    def observe(self, path: str, method: str, status: int, seconds: float) -> None:
+        endpoint = path if path in self.paths else "other"
+        self.requests.labels(endpoint, method, str(status)).inc()
+        self.latency.labels(endpoint).observe(seconds)
+
+
+class MeasureRequests:
+    """Count and time every HTTP request, with the Metrics that the lifespan put in the app's state."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        metrics: Metrics | None = scope.get("state", {}).get("metrics")
+        if scope["type"] != "http" or metrics is None:
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500  # if no response starts
+
+        async def send_and_note(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            metrics.observe(scope["path"], scope["method"], status, time.perf_counter() - started)
+
+
+class _State(Collector):
+    """Gauges read at scrape time, the same from any worker: sessions in the database, the key schedule."""
+
+    def __init__(self, service: AuthService) -> None:
+        self.service = service
+
+    def collect(self) -> Iterator[Metric]:
+        service, now = self.service, self.service.now()
+        sessions = GaugeMetricFamily("jwtauth_active_sessions", "Sessions with a live refresh token.")
+        sessions.add_metric([], service.store.count_live_sessions(now))
+        current = service.keyset.current
+        age = GaugeMetricFamily("jwtauth_signing_key_age_seconds", "Since the current key began to sign.")
+        age.add_metric([], now - (current.activated_at or current.created_at))
+        rotation = GaugeMetricFamily("jwtauth_key_rotation_due_seconds", "Until the next scheduled rotation.")
+        rotation.add_metric([], (current.rotates_at(service.keystore.policy) or now) - now)
+        yield from (sessions, age, rotation)

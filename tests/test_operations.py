@@ -1,0 +1,293 @@
+"""What an operator relies on: metrics, JSON audit logs, registration, online backup and integrity checks."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx2 as httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from starlette.testclient import TestClient
+
+from jwtauth.app import create_app
+from jwtauth.config import Settings
+
+from .conftest import PASSWORD, Account, add_user, bearer, login, run_cli, start_server, stop_server, table_counts
+
+
+def scrape(client: TestClient | httpx.Client) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of /metrics, parsed by prometheus_client's own parser."""
+    response = client.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+    }
+
+
+def value(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+# Metrics
+
+
+def test_metrics_count_requests_logins_and_reuse(env: dict[str, str], alice: Account) -> None:
+    settings = Settings.from_env({**env, "JWTAUTH_REFRESH_REUSE_INTERVAL": "0", "JWTAUTH_LOGIN_MAX_FAILURES": "2"})
+    with TestClient(create_app(settings)) as client:
+        before = scrape(client)
+        pair = login(client, alice.email)
+        client.post("/login", json={"email": alice.email, "password": "wrong password"})
+        client.post("/login", json={"email": "nobody@example.com", "password": "wrong password"})
+        client.post("/login", json={"email": "nobody@example.com", "password": "wrong password"})
+        client.post("/login", json={"email": "nobody@example.com", "password": "wrong password"})  # throttled
+        client.post("/refresh", json={"refresh_token": pair["refresh_token"]})
+        client.post("/refresh", json={"refresh_token": pair["refresh_token"]})  # reuse
+        client.get("/no/such/path")
+        after = scrape(client)
+
+    def moved(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert moved("jwtauth_logins_total", outcome="success") == 1
+    assert moved("jwtauth_logins_total", outcome="bad_credentials") == 3
+    assert moved("jwtauth_logins_total", outcome="throttled") == 1
+    assert moved("jwtauth_refresh_reuse_detections_total") == 1
+    assert moved("jwtauth_http_requests_total", endpoint="/login", method="POST", status="200") == 1
+    assert moved("jwtauth_http_requests_total", endpoint="/login", method="POST", status="429") == 1
+    assert moved("jwtauth_http_requests_total", endpoint="/refresh", method="POST", status="400") == 1
+    assert moved("jwtauth_http_requests_total", endpoint="other", method="GET", status="404") == 1
+    assert moved("jwtauth_http_request_duration_seconds_count", endpoint="/login") == 5
+
+
+def test_metrics_report_sessions_and_the_key_schedule(client: TestClient, alice: Account) -> None:
+    login(client, alice.email)
+    second = login(client, alice.email)
+    client.post("/logout", headers=bearer(second["access_token"]))
+
+    samples = scrape(client)
+
+    assert value(samples, "jwtauth_active_sessions") == 1
+    assert 0 <= value(samples, "jwtauth_signing_key_age_seconds") < 3600
+    assert 30 * 86400 - 3600 < value(samples, "jwtauth_key_rotation_due_seconds") <= 30 * 86400
+
+
+def test_metrics_add_up_across_two_workers(env: dict[str, str]) -> None:
+    server = start_server(env, "--workers", "2")
+    try:
+        for _ in range(20):
+            with httpx.Client(base_url=server.url) as http:  # a new connection: either worker
+                assert http.get("/.well-known/jwks.json").status_code == 200
+        totals = set()
+        for _ in range(6):  # scrape several times: each worker must report the sum of both
+            with httpx.Client(base_url=server.url) as http:
+                samples = scrape(http)
+            totals.add(value(samples, "jwtauth_http_requests_total", endpoint="/.well-known/jwks.json", method="GET",
+                             status="200"))  # fmt: skip
+    finally:
+        stop_server(server)
+
+    assert totals == {20.0}
+
+
+# Structured logs
+
+
+def test_json_logs_have_every_audit_event_once_with_its_fields(env: dict[str, str]) -> None:
+    add_user(Settings.from_env(env), "alice@example.com")
+    server = start_server({**env, "JWTAUTH_REFRESH_REUSE_INTERVAL": "0"}, "--log-format", "json")
+    try:
+        with httpx.Client(base_url=server.url) as http:
+            pair = http.post("/login", json={"email": "alice@example.com", "password": PASSWORD}).json()
+            http.post("/login", json={"email": "alice@example.com", "password": "wrong password"})
+            second = http.post("/refresh", json={"refresh_token": pair["refresh_token"]}).json()
+            http.post("/refresh", json={"refresh_token": pair["refresh_token"]})  # reuse: session revoked
+            third = http.post("/login", json={"email": "alice@example.com", "password": PASSWORD}).json()
+            http.post("/revoke", data={"token": third["refresh_token"]})
+            fourth = http.post("/login", json={"email": "alice@example.com", "password": PASSWORD}).json()
+            http.post("/logout", headers=bearer(fourth["access_token"]))
+    finally:
+        log = stop_server(server)
+
+    lines = [json.loads(line) for line in log.splitlines() if line.strip()]  # every line parses
+    assert all({"timestamp", "level", "event", "request_id", "message"} <= line.keys() for line in lines)
+    audit = [line for line in lines if line["event"] in {
+        "login_succeeded", "login_failed", "refresh", "refresh_reuse_detected", "revoke", "logout"}]  # fmt: skip
+    assert [line["event"] for line in audit] == [
+        "login_succeeded", "login_failed", "refresh", "refresh_reuse_detected", "login_succeeded", "revoke",
+        "login_succeeded", "logout",
+    ]  # fmt: skip
+    assert audit[1]["reason"] == "wrong_password" and audit[1]["user"] == audit[0]["user"]
+    assert audit[2]["sid"] == audit[3]["sid"] and audit[7]["scope"] == "local"
+    assert all(len(line["request_id"]) == 32 for line in audit)
+    secrets = [PASSWORD, *(p[k] for p in (pair, second, third, fourth) for k in ("access_token", "refresh_token"))]
+    assert not [secret for secret in secrets if secret in log]
+
+
+def test_text_logs_by_default(env: dict[str, str]) -> None:
+    server = start_server(env)
+    httpx.get(f"{server.url}/healthz?access_token=do-not-log-me")
+    log = stop_server(server)
+
+    assert "GET /healthz HTTP/1.1" in log
+    assert "do-not-log-me" not in log  # query strings are cut from access lines
+
+
+# Registration
+
+
+@pytest.fixture
+def open_client(env: dict[str, str]) -> Iterator[TestClient]:
+    with TestClient(create_app(Settings.from_env({**env, "JWTAUTH_OPEN_REGISTRATION": "1"}))) as client:
+        yield client
+
+
+def test_registration_creates_a_user_who_can_log_in(open_client: TestClient) -> None:
+    response = open_client.post("/users", json={"email": "New@Example.com", "password": "a fine password", "name": "N"})
+
+    assert response.status_code == 201
+    body = response.json()
+    assert (set(body), body["email"], body["name"]) == ({"id", "email", "name"}, "new@example.com", "N")
+    pair = login(open_client, "new@example.com", "a fine password")
+    userinfo = open_client.get("/userinfo", headers=bearer(pair["access_token"])).json()
+    assert userinfo["sub"] == body["id"]
+
+
+def test_registration_takes_a_form_and_no_name(open_client: TestClient) -> None:
+    response = open_client.post("/users", data={"email": "new@example.com", "password": "a fine password"})
+
+    assert (response.status_code, response.json()["name"]) == (201, "")
+
+
+def test_registration_is_closed_by_default(client: TestClient, settings: Settings) -> None:
+    response = client.post("/users", json={"email": "new@example.com", "password": "a fine password"})
+
+    assert (response.status_code, response.json()["error"]) == (403, "access_denied")
+    assert table_counts(settings.db_path)["users"] == 0
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "error", "reason"),
+    [
+        ({"email": "ALICE@example.com", "password": "a fine password"}, 409, "email_taken", "exists"),
+        ({"email": "new@example.com", "password": "short"}, 400, "invalid_request", "at least 8"),
+        ({"email": "new@example.com", "password": "Password123"}, 400, "invalid_request", "common"),
+        ({"email": "new@example.com", "password": "qwertyuiop"}, 400, "invalid_request", "common"),
+        ({"email": "not-an-address", "password": "a fine password"}, 400, "invalid_request", "email"),
+        ({"email": "new@example.com"}, 400, "invalid_request", "password"),
+        ({"email": "new@example.com", "password": "a fine password", "name": 7}, 400, "invalid_request", "name"),
+        (
+            {"email": "new@example.com", "password": "a fine password", "name": "n" * 201},
+            400,
+            "invalid_request",
+            "name",
+        ),
+    ],
+)
+def test_registration_refusals_write_nothing(
+    env: dict[str, str], alice: Account, body: dict[str, object], status: int, error: str, reason: str
+) -> None:
+    settings = Settings.from_env({**env, "JWTAUTH_OPEN_REGISTRATION": "1"})
+    before = table_counts(settings.db_path)
+    with TestClient(create_app(settings)) as client:
+        response = client.post("/users", json=body)
+
+    assert (response.status_code, response.json()["error"]) == (status, error)
+    assert reason in response.json()["error_description"]
+    assert table_counts(settings.db_path) == before
+
+
+def test_probing_taken_emails_is_throttled_per_address(env: dict[str, str], alice: Account) -> None:
+    settings = Settings.from_env(
+        {**env, "JWTAUTH_OPEN_REGISTRATION": "1", "JWTAUTH_LOGIN_MAX_FAILURES_PER_ADDRESS": "3"}
+    )
+    with TestClient(create_app(settings)) as client:
+        statuses = [client.post("/users", json={"email": alice.email, "password": "a fine password"}).status_code
+                    for _ in range(4)]  # fmt: skip
+
+    assert statuses == [409, 409, 409, 429]
+
+
+# Backup and integrity
+
+
+def test_backup_under_refresh_load_restores_and_logs_in(env: dict[str, str], tmp_path: Path) -> None:
+    add_user(Settings.from_env(env), "alice@example.com")
+    server = start_server({**env, "JWTAUTH_REFRESH_REUSE_INTERVAL": "0"})
+    stop = threading.Event()
+    statuses: list[int] = []
+
+    def refresh_loop() -> None:
+        with httpx.Client(base_url=server.url, timeout=10) as http:
+            token = http.post("/login", json={"email": "alice@example.com", "password": PASSWORD}).json()
+            while not stop.is_set():
+                response = http.post("/refresh", json={"refresh_token": token["refresh_token"]})
+                statuses.append(response.status_code)
+                if response.status_code != 200:
+                    return
+                token = response.json()
+
+    def wait_for_refreshes(count: int) -> None:
+        deadline = time.monotonic() + 30
+        while len(statuses) < count and loader.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    loader = threading.Thread(target=refresh_loop)
+    loader.start()
+    try:
+        wait_for_refreshes(20)
+        result = run_cli("db", "backup", str(tmp_path / "copy.db"), env=env)
+        wait_for_refreshes(len(statuses) + 20)  # the load went on during and after the backup
+    finally:
+        stop.set()
+        loader.join()
+        stop_server(server)
+
+    assert len(statuses) >= 40 and set(statuses) == {200}
+    assert result.returncode == 0, result.stderr
+    copy = tmp_path / "copy.db"
+    assert (copy.stat().st_mode & 0o777) == 0o600
+    with sqlite3.connect(copy) as conn:
+        assert conn.execute("pragma integrity_check").fetchone()[0] == "ok"
+    restored = {**env, "JWTAUTH_DATABASE": str(copy)}
+    assert run_cli("db", "check", env=restored).stdout.strip() == "ok"
+    with TestClient(create_app(Settings.from_env(restored))) as client:
+        assert login(client, "alice@example.com")["token_type"] == "Bearer"
+
+
+def test_db_check_reports_a_damaged_database(env: dict[str, str], settings: Settings) -> None:
+    add_user(settings, "alice@example.com")
+    rows = [(f"id{n}", f"u{n}@example.com") for n in range(2000)]
+    conn = sqlite3.connect(settings.db_path)
+    conn.execute("pragma journal_mode = delete")  # everything in the main file, none in a WAL
+    with conn:
+        conn.executemany(
+            "insert into users (id, email, name, password_hash, created_at, updated_at) values (?, ?, '', 'x', 0, 0)",
+            rows,
+        )
+    page_size = conn.execute("pragma page_size").fetchone()[0]
+    root = conn.execute("select rootpage from sqlite_master where name = 'users'").fetchone()[0]
+    conn.close()
+    with settings.db_path.open("r+b") as file:  # scribble over the users table's root page
+        file.seek((root - 1) * page_size)
+        file.write(b"\xa5" * page_size)
+
+    result = run_cli("db", "check", env=env)
+
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "problems" in result.stdout
+
+
+def test_db_check_and_backup_without_a_database_fail_cleanly(env: dict[str, str], tmp_path: Path) -> None:
+    for args in (("db", "check"), ("db", "backup", str(tmp_path / "copy.db"))):
+        result = run_cli(*args, env=env)
+        assert result.returncode == 1
+        assert result.stderr.strip() == f"jwtauth: no database at {env['JWTAUTH_DATABASE']}"
