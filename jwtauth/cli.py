@@ -50,8 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
         if action == "add":
             command.add_argument("--name", default="")
     users.add_parser("list", parents=[config])
-    for action in ("disable", "enable", "revoke-sessions"):
+    for action in ("disable", "enable"):
         users.add_parser(action, parents=[config]).add_argument("email")
+    revoke = users.add_parser("revoke-sessions", parents=[config], help="log a user, or everyone, out")
+    revoke.add_argument("email", nargs="?")
+    revoke.add_argument("--all", action="store_true", help="every session of every user")
 
     db = verbs.add_parser("db", help="back up or check the database").add_subparsers(dest="action", required=True)
     db.add_parser("backup", parents=[config], help="copy the database online, consistently").add_argument("path")
@@ -61,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     keys.add_parser("list", parents=[config]).add_argument("--json", action="store_true")
     rotate = keys.add_parser("rotate", parents=[config], help="promote the next key to current now")
     rotate.add_argument("--force", action="store_true", help="rotate even if the next key is too young (a leak)")
-    keys.add_parser("prune", parents=[config], help="delete retired keys whose tokens have all expired")
+    prune = keys.add_parser("prune", parents=[config], help="delete retired keys whose tokens have all expired")
+    prune.add_argument("--force", action="store_true", help="delete every retired key now (a leaked key)")
     return parser
 
 
@@ -150,7 +154,10 @@ def manage_users(settings: Settings, args: argparse.Namespace) -> int:
         admin.set_password(args.email, read_new_password(args.password_stdin))
         print(f"password changed for {normalise_email(args.email)}")
     elif args.action == "revoke-sessions":
-        print(f"revoked {admin.revoke_sessions(args.email)} sessions of {normalise_email(args.email)}")
+        if args.all == bool(args.email):
+            raise CommandError("give an EMAIL or --all")
+        count = admin.revoke_all_sessions() if args.all else admin.revoke_sessions(args.email)
+        print(f"revoked {count} sessions" + ("" if args.all else f" of {normalise_email(args.email)}"))
     elif args.action in ("disable", "enable"):
         admin.set_disabled(args.email, args.action == "disable")
         print(f"{args.action}d {normalise_email(args.email)}")
@@ -190,7 +197,7 @@ def manage_keys(settings: Settings, args: argparse.Namespace) -> int:
             ) from None
         print(f"rotated: {keyset.current.kid} signs from now on")
     elif args.action == "prune":
-        deleted = keystore.prune(now)
+        deleted = keystore.prune(now, force=args.force)
         print(f"deleted {', '.join(deleted)}" if deleted else "nothing to delete")
     else:
         rows = [key_row(entry, keystore.policy) for entry in keyset.entries]

@@ -241,15 +241,16 @@ class KeyStore:
             log.info("keys rotated: %s signs from now on", upcoming.kid if upcoming else rotated[-1].kid)
         return self.load()
 
-    def prune(self, now: int) -> list[str]:
+    def prune(self, now: int, force: bool = False) -> list[str]:
         """Delete retired keys whose tokens have all expired, and PEMs that no key set names; return their kids.
+        With `force`, delete every retired key now: for a leaked key, whose tokens must stop verifying.
 
         Raises:
             KeyStoreError: the set cannot be read or written.
         """
         with self._locked():
             entries = self._read_entries()
-            keep = [entry for entry in entries if not self._is_spent(entry, now)]
+            keep = [e for e in entries if not (self._is_spent(e, now) or (force and e.state == "retired"))]
             if len(keep) < len(entries):
                 self._commit(keep)
             kept = {entry.kid for entry in keep}

@@ -341,6 +341,12 @@ class UserAdmin:
         audit("sessions_revoked", user=user.id, count=count)
         return count
 
+    def revoke_all_sessions(self) -> int:
+        """End every session of every user (after a breach); return how many were live."""
+        count = self.store.revoke_all_sessions(self.now())
+        audit("sessions_revoked", user="*", count=count)
+        return count
+
 
 def _throttle_key(email: str, address: str) -> str:
     return hashlib.sha256(f"{email}\x00{address}".encode()).hexdigest()

@@ -309,6 +309,11 @@ class Store:
         with self._write() as db:
             return _revoke_sessions(db, "user_id = ?", [user_id], now)
 
+    def revoke_all_sessions(self, now: int) -> int:
+        """Revoke every live session and delete every refresh token; return how many sessions were live."""
+        with self._write() as db:
+            return _revoke_sessions(db, "1 = 1", [], now)
+
     def delete_expired(self, now: int, revoked_before: int, attempts_before: int) -> tuple[int, int]:
         """Delete expired refresh tokens, then sessions revoked before `revoked_before` or left without
         any refresh token, and login-attempt windows opened before `attempts_before`; return the number
@@ -398,9 +403,8 @@ def _replay_of_forgotten_token(db: Database, named_session: str | None, now: int
 
 
 def _revoke_sessions(db: Database, where: str, params: list[object], now: int) -> int:
-    """Mark the matching live sessions revoked and delete their refresh tokens, inside the caller's transaction."""
-    ids = [row[0] for row in db.execute(f"select id from sessions where revoked_at is null and {where}", params)]
-    for session_id in ids:
-        db.execute("update sessions set revoked_at = ? where id = ?", [now, session_id])
-        db.execute("delete from refresh_tokens where session_id = ?", [session_id])
-    return len(ids)
+    """Mark the matching live sessions revoked and delete their refresh tokens, inside the caller's transaction;
+    return how many sessions that revoked."""
+    live = f"select id from sessions where revoked_at is null and {where}"
+    db.execute(f"delete from refresh_tokens where session_id in ({live})", params)
+    return db.execute(f"update sessions set revoked_at = ? where id in ({live})", [now, *params]).rowcount

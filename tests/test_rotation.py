@@ -207,6 +207,19 @@ def test_prune_deletes_only_keys_whose_tokens_have_expired(env: dict[str, str]) 
     assert not (keys_dir / f"{retired}.pem").exists()
 
 
+def test_prune_force_deletes_a_leaked_key_at_once(env: dict[str, str]) -> None:
+    keys_dir = Path(env["JWTAUTH_KEYS_DIR"])
+    leaked = kid_in_state(keys_dir, "current")
+    run_cli("keys", "rotate", "--force", env=env)
+
+    result = run_cli("keys", "prune", "--force", env=env)
+
+    assert result.stdout.strip() == f"deleted {leaked}"
+    assert [entry["state"] for entry in entries(keys_dir)] == ["current", "next"]
+    with TestClient(create_app(Settings.from_env(env))) as client:
+        assert leaked not in published_kids(client)
+
+
 def test_every_worker_signs_with_the_new_key_within_2_s(env: dict[str, str]) -> None:
     add_user(Settings.from_env(env), "alice@example.com")
     keys_dir = Path(env["JWTAUTH_KEYS_DIR"])

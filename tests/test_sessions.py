@@ -405,6 +405,27 @@ def test_cli_ends_every_session(env: dict[str, str], clock: Clock, alice: Accoun
             assert client.get("/userinfo", headers=bearer(pair["access_token"])).status_code == 401
 
 
+def test_revoke_sessions_all_logs_everyone_out(
+    env: dict[str, str], clock: Clock, settings: Settings, alice: Account
+) -> None:
+    bob = add_user(settings, "bob@example.com")
+    with make_client(env, clock) as client:
+        pairs = [login(client, alice.email), login(client, bob.email), login(client, bob.email)]
+
+        result = run_cli("users", "revoke-sessions", "--all", env=env)
+
+        assert (result.returncode, result.stdout.strip()) == (0, "revoked 3 sessions")
+        for pair in pairs:
+            assert_invalid_grant(refresh(client, pair["refresh_token"]))
+
+
+@pytest.mark.parametrize("args", [(), ("alice@example.com", "--all")])
+def test_revoke_sessions_needs_an_email_or_all(env: dict[str, str], alice: Account, args: tuple[str, ...]) -> None:
+    result = run_cli("users", "revoke-sessions", *args, env=env)
+
+    assert (result.returncode, result.stderr.strip()) == (1, "jwtauth: give an EMAIL or --all")
+
+
 def test_disabled_user_cannot_refresh_even_after_reenabling_the_old_session(
     env: dict[str, str], clock: Clock, alice: Account
 ) -> None:
