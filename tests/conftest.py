@@ -8,10 +8,12 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import httpx2 as httpx
 import pytest
@@ -124,44 +126,49 @@ def run_cli(*args: str, env: Mapping[str, str], stdin: str | None = None) -> sub
 @dataclass
 class Server:
     url: str
-    process: subprocess.Popen[str]
+    process: subprocess.Popen[bytes]
     env: dict[str, str]
+    log: IO[bytes]  # its stderr, in a file: a pipe nobody reads would fill and block the server
 
 
-def start_server(env: Mapping[str, str], *args: str) -> Server:
-    """Start `jwtauth serve` on a free port and wait until /healthz answers 200."""
+def start_server(env: Mapping[str, str], *args: str, own_issuer: bool = False) -> Server:
+    """Start `jwtauth serve` on a free port and wait until /healthz answers 200. With own_issuer,
+    JWTAUTH_ISSUER is its own URL, for clients that follow the metadata's endpoints."""
     port = free_port()
+    env = {**env, "JWTAUTH_ISSUER": f"http://127.0.0.1:{port}"} if own_issuer else env
     clean = {key: value for key, value in os.environ.items() if not key.startswith("JWTAUTH_")}
+    log = tempfile.TemporaryFile()  # noqa: SIM115 - stop_server closes it
     process = subprocess.Popen(
         [sys.executable, "-m", "jwtauth", "serve", "--port", str(port), *args],
         env={**clean, **env},
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
+        stderr=log,
     )
-    url = f"http://127.0.0.1:{port}"
+    server = Server(f"http://127.0.0.1:{port}", process, dict(env), log)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"jwtauth serve exited: {process.stderr.read() if process.stderr else ''}")
+            raise RuntimeError(f"jwtauth serve exited: {stop_server(server)}")
         try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                return Server(url, process, dict(env))
+            if httpx.get(f"{server.url}/healthz", timeout=1).status_code == 200:
+                return server
         except httpx.TransportError:
             time.sleep(0.05)
-    process.kill()
-    raise RuntimeError("jwtauth serve did not become healthy in 30 s")
+    raise RuntimeError(f"jwtauth serve did not become healthy in 30 s: {stop_server(server)}")
 
 
 def stop_server(server: Server) -> str:
     """Stop the server; return what it logged (its stderr)."""
     server.process.terminate()
     try:
-        _, log = server.process.communicate(timeout=10)
+        server.process.wait(timeout=10)
     except subprocess.TimeoutExpired:
         server.process.kill()
-        _, log = server.process.communicate()
-    return log or ""
+        server.process.wait()
+    server.log.seek(0)
+    text = server.log.read().decode(errors="replace")
+    server.log.close()
+    return text
 
 
 class Clock:

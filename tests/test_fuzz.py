@@ -137,7 +137,7 @@ def test_openapi_documents_every_endpoint(client: TestClient) -> None:
     assert document["openapi"].startswith("3.")
     assert set(document["paths"]) == {
         "/login", "/refresh", "/token", "/revoke", "/logout", "/userinfo", "/.well-known/jwks.json",
-        "/.well-known/openid-configuration", "/.well-known/oauth-authorization-server", "/healthz",
+        "/.well-known/openid-configuration", "/.well-known/oauth-authorization-server", "/healthz", "/users",
     }  # fmt: skip
     assert document["paths"]["/login"]["post"]["responses"]["429"]
 
