@@ -102,9 +102,7 @@ async def register(request: Request) -> Response:
     params = await read_params(request)
     email = text_param(params, "email", MAX_EMAIL_LENGTH)
     password = text_param(params, "password", MAX_PASSWORD_LENGTH)
-    name = params.get("name") or ""
-    if not isinstance(name, str) or len(name) > MAX_NAME_LENGTH or "\x00" in name:
-        raise InvalidRequestError(f"name must be a string of at most {MAX_NAME_LENGTH} characters")
+    name = text_param(params, "name", MAX_NAME_LENGTH, required=False)
     address = client_address(request, service.settings.trusted_proxies)
     create = functools.partial(service.register, email, password, name, address)
     user = await anyio.to_thread.run_sync(create, limiter=request.state.hash_limiter)

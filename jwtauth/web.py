@@ -78,15 +78,18 @@ async def read_params(request: Request) -> Mapping[str, object]:
     raise UnsupportedMediaTypeError("send application/json or application/x-www-form-urlencoded")
 
 
-def text_param(params: Mapping[str, object], name: str, max_length: int = 4096) -> str:
-    """Return a required, non-blank string field.
+def text_param(params: Mapping[str, object], name: str, max_length: int = 4096, required: bool = True) -> str:
+    """Return a string field: required and non-blank, or else "" when missing.
 
     Raises:
-        InvalidRequestError: missing, blank, not a string, too long, or holding a NUL or unpaired surrogate.
+        InvalidRequestError: missing or blank (if required), not a string, too long, or holding a NUL or
+            unpaired surrogate.
     """
     value = params.get(name)
     if value is None or (isinstance(value, str) and not value.strip()):
-        raise InvalidRequestError(f"missing {name}")
+        if required:
+            raise InvalidRequestError(f"missing {name}")
+        return ""
     if not isinstance(value, str):
         raise InvalidRequestError(f"{name} must be a string")
     if len(value) > max_length:

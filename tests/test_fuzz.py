@@ -24,9 +24,9 @@ from .conftest import CHEAP_ARGON2, PASSWORD, add_user, bearer, login, start_ser
 ENDPOINTS = [
     ("POST", "/login"), ("POST", "/refresh"), ("POST", "/token"), ("POST", "/revoke"), ("POST", "/logout"),
     ("GET", "/userinfo"), ("POST", "/userinfo"), ("GET", "/.well-known/jwks.json"), ("GET", "/healthz"),
-    ("GET", "/.well-known/openid-configuration"), ("DELETE", "/login"), ("GET", "/nowhere"),
+    ("GET", "/.well-known/openid-configuration"), ("DELETE", "/login"), ("GET", "/nowhere"), ("POST", "/users"),
 ]  # fmt: skip
-FIELDS = ["email", "password", "refresh_token", "token", "token_type_hint", "grant_type", "username", "scope"]
+FIELDS = ["email", "password", "refresh_token", "token", "token_type_hint", "grant_type", "username", "scope", "name"]
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.sampled_from(FIELDS) | st.text(), inner, max_size=4),
@@ -51,7 +51,7 @@ def fuzzed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
     directory = tmp_path_factory.mktemp("fuzz")
     env = {**CHEAP_ARGON2, "JWTAUTH_DATABASE": str(directory / "auth.db"), "JWTAUTH_KEYS_DIR": str(directory / "keys"),
            "JWTAUTH_LOGIN_MAX_FAILURES": "1000000", "JWTAUTH_LOGIN_MAX_FAILURES_PER_ADDRESS": "1000000",
-           "JWTAUTH_PASSWORD_GRANT": "1"}  # fmt: skip
+           "JWTAUTH_PASSWORD_GRANT": "1", "JWTAUTH_OPEN_REGISTRATION": "1"}  # fmt: skip
     add_user(Settings.from_env(env), "alice@example.com")
     with TestClient(create_app(Settings.from_env(env))) as client:
         yield client
