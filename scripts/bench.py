@@ -75,17 +75,19 @@ class Plan:
 
 
 def plan_for(workers: int, seconds: int) -> Plan:
+    """The server on the first `workers` CPUs, wrk on the next one; on 2 CPUs, `--workers 2` shares CPU 1."""
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2:
         raise RuntimeError("the bench needs 2 CPUs: one for the server, one for wrk")
-    server = cpus[:workers] if workers <= len(cpus) else cpus
+    server = cpus[: min(workers, len(cpus))]
+    wrk = cpus[len(server)] if len(server) < len(cpus) else cpus[-1]
     return Plan(
         workers=workers,
         seconds=seconds,
         server_cpus=",".join(map(str, server)),
-        wrk_cpus=str(cpus[1]),
+        wrk_cpus=str(wrk),
         limit_cpus=tuple(server),
-        shared=cpus[1] in server,
+        shared=wrk in server,
     )
 
 
@@ -103,8 +105,11 @@ def measure(server: Server, load: Load, warmup: Load | None = None) -> dict[str,
         return cpu_seconds(server.pids) + bench_seconds(with_children=True)
 
     result: dict[str, Any] = {}
+    wrk_before, started = bench_seconds(with_children=True) - bench_seconds(with_children=False), time.monotonic()
     with other_load(cpus, ours, result):
         result.update(bench_wrk.run(load).as_dict())
+    wrk_seconds = bench_seconds(with_children=True) - bench_seconds(with_children=False) - wrk_before
+    result["wrk_cpu_cores"] = round(wrk_seconds / (time.monotonic() - started), 3)  # near 1: wrk was the limit
     return result
 
 
@@ -134,16 +139,16 @@ def measure_limits(plan: Plan) -> dict[str, Any]:
 def bare_phase(plan: Plan, installation: Installation) -> dict[str, dict[str, Any]]:
     """GET and POST on the bare Starlette app, served the way jwtauth is."""
     url, env = installation.base_url, installation.env(CHEAP_ARGON2)
-    log = installation.directory / f"bare-{plan.workers}.log"
+    log_path = installation.directory / f"bare-{plan.workers}.log"
     body = '{"refresh_token":"' + "r" * 43 + '"}'
-    with serving(bare_serve(plan.workers, installation.port), env, plan.server_cpus, url, log) as server:
+    with serving(bare_serve(plan.workers, installation.port), env, plan.server_cpus, url, log_path) as server:
         get = Load(f"{url}/get", "get.lua", (), plan.seconds, plan.connections, cpus=plan.wrk_cpus)
         post = Load(f"{url}/post", "post_json.lua", (body,), plan.seconds, plan.connections, cpus=plan.wrk_cpus)
         return {"bare_get": measure(server, get), "bare_post": measure(server, post)}
 
 
 def login_load(plan: Plan, url: str, emails_file: Path, seconds: int) -> Load:
-    args = (str(emails_file), PASSWORD, "1")
+    args = (str(emails_file), PASSWORD, "1")  # "1": wrk's thread count (Load's default), to share the file out
     return Load(f"{url}/login", "login.lua", args, seconds, plan.login_connections, cpus=plan.wrk_cpus)
 
 
@@ -157,14 +162,14 @@ def refresh_pool(server: Server, emails: Sequence[str], count: int, path: Path) 
 def cheap_phase(plan: Plan, installation: Installation, emails: Sequence[str]) -> dict[str, dict[str, Any]]:
     """Login at cheap Argon2, then refresh, JWKS and userinfo, which do not depend on Argon2."""
     url, directory = installation.base_url, installation.directory
-    log = directory / f"cheap-{plan.workers}.log"
+    log_path = directory / f"cheap-{plan.workers}.log"
     with serving(jwtauth_serve(plan.workers, installation.port), installation.env(CHEAP_ARGON2),
-                 plan.server_cpus, url, log) as server:  # fmt: skip
+                 plan.server_cpus, url, log_path) as server:  # fmt: skip
         results = {"login_cheap": measure(server, login_load(plan, url, directory / "cheap.emails", plan.seconds))}
         pool_size = 3 * plan.connections  # each connection has a token out; the queue never runs dry
         warm = refresh_pool(server, emails, pool_size, directory / "refresh-warmup.tokens")
         pool = refresh_pool(server, emails, pool_size, directory / "refresh.tokens")
-        refresh = Load(f"{url}/refresh", "refresh.lua", (str(pool), "1"), plan.seconds, plan.connections,
+        refresh = Load(f"{url}/refresh", "refresh.lua", (str(pool), "1"), plan.seconds, plan.connections,  # 1 thread
                        cpus=plan.wrk_cpus)  # fmt: skip
         warmup = Load(refresh.url, refresh.script, (str(warm), "1"), 1, refresh.connections, cpus=plan.wrk_cpus)
         results["refresh"] = measure(server, refresh, warmup)
@@ -175,7 +180,7 @@ def cheap_phase(plan: Plan, installation: Installation, emails: Sequence[str]) -
         return results
 
 
-def loaded_phase(plan: Plan, server: Server, emails_file: Path, access_token: str) -> dict[str, dict[str, Any]]:
+def loaded_phase(plan: Plan, server: Server, emails_file: Path, access_token: str) -> dict[str, Any]:
     """JWKS and userinfo latency from low-rate probes (2 connections, 20 ms apart) during a login flood."""
     url = server.base_url
     server.wait_idle()
@@ -186,18 +191,24 @@ def loaded_phase(plan: Plan, server: Server, emails_file: Path, access_token: st
         "jwks": Load(f"{url}/.well-known/jwks.json", "probe.lua", ("20",), plan.seconds, 2, cpus=plan.wrk_cpus),
         "userinfo": Load(f"{url}/userinfo", "probe.lua", ("20", access_token), plan.seconds, 2, cpus=plan.wrk_cpus),
     }
-    started = {name: bench_wrk.start(load) for name, load in probes.items()}
-    results = {name: bench_wrk.finish(started[name], load).as_dict() for name, load in probes.items()}
+    noise: dict[str, Any] = {}
+    cpus = sorted(set(parse_cpus(server.cpus)) | set(parse_cpus(plan.wrk_cpus)))
+    with other_load(cpus, lambda: cpu_seconds(server.pids) + bench_seconds(with_children=True), noise):
+        started = {name: bench_wrk.start(load) for name, load in probes.items()}
+        results: dict[str, Any] = {
+            name: bench_wrk.finish(started[name], load).as_dict() for name, load in probes.items()
+        }
     results["flood"] = bench_wrk.finish(flood_process, flood).as_dict()
+    results["other_load_cores"] = noise["other_load_cores"]
     return results
 
 
 def default_phase(plan: Plan, installation: Installation, emails: Sequence[str]) -> dict[str, Any]:
     """Login at default Argon2 with the server's memory sampled, then the latency probes during a flood."""
     url, directory = installation.base_url, installation.directory
-    log = directory / f"default-{plan.workers}.log"
+    log_path = directory / f"default-{plan.workers}.log"
     with serving(jwtauth_serve(plan.workers, installation.port), installation.env(DEFAULT_ARGON2),
-                 plan.server_cpus, url, log) as server:  # fmt: skip
+                 plan.server_cpus, url, log_path) as server:  # fmt: skip
         idle = rss_bytes(server.pids)
         access_token = str(login_many(url, emails, 1)[0]["access_token"])
         with RssSampler(server.process.pid).running() as sampler:
@@ -241,8 +252,7 @@ def verify_phase(seconds: float) -> dict[str, Any]:
 def create_accounts(installation: Installation, users: int) -> dict[str, list[str]]:
     """`users` accounts hashed at each Argon2 setting (so no login re-hashes), and their email files."""
     accounts = {"default": account_emails("default", users), "cheap": account_emails("cheap", users)}
-    add_users(installation, accounts["cheap"][:1], CHEAP_ARGON2)  # the first creates the database alone
-    add_users(installation, accounts["cheap"][1:], CHEAP_ARGON2)
+    add_users(installation, accounts["cheap"], CHEAP_ARGON2)
     add_users(installation, accounts["default"], DEFAULT_ARGON2)
     for name, emails in accounts.items():
         (installation.directory / f"{name}.emails").write_text("".join(f"{email}\n" for email in emails))
