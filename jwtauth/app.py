@@ -21,10 +21,16 @@ from starlette.routing import BaseRoute, Route
 from starlette.schemas import SchemaGenerator
 
 from jwtauth.config import Settings
-from jwtauth.errors import AccessDeniedError, AuthError, InvalidRequestError, UnsupportedGrantTypeError
+from jwtauth.errors import (
+    AccessDeniedError,
+    AuthError,
+    InvalidRequestError,
+    UnsupportedGrantTypeError,
+    WouldBlockError,
+)
 from jwtauth.keys import KeyStore
 from jwtauth.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from jwtauth.metrics import MeasureRequests, Metrics
+from jwtauth.metrics import Metrics
 from jwtauth.openapi import BASE as openapi_base
 from jwtauth.passwords import MAX_PASSWORD_LENGTH, PasswordHasher
 from jwtauth.service import MAX_EMAIL_LENGTH, MAX_NAME_LENGTH, AuthService
@@ -32,7 +38,7 @@ from jwtauth.store import Store
 from jwtauth.web import (
     MAX_BODY_BYTES,
     BodyLimit,
-    RequestId,
+    Envelope,
     client_address,
     etag_matches,
     parse_bearer,
@@ -128,8 +134,12 @@ async def refresh(request: Request) -> Response:
 
 async def _refresh(request: Request, params: Mapping[str, object]) -> Response:
     refresh_token = text_param(params, "refresh_token")
-    # A thread, because the rotation may wait for another process's write lock.
-    return token_response(await anyio.to_thread.run_sync(request.state.service.refresh, refresh_token))
+    service: AuthService = request.state.service
+    try:  # on the event loop while the database is free: a rotation is shorter than a hop to a thread
+        pair = service.refresh(refresh_token, wait=False)
+    except WouldBlockError:  # another writer has the lock: wait for it in a thread, not on the loop
+        pair = await anyio.to_thread.run_sync(service.refresh, refresh_token)
+    return token_response(pair)
 
 
 async def token(request: Request) -> Response:
@@ -226,11 +236,15 @@ async def jwks(request: Request) -> Response:
       "304": {description: Not modified (If-None-Match)}
     """
     keyset = request.state.service.keyset
-    max_age = request.state.service.settings.jwks_max_age
-    headers = {"Cache-Control": f"public, max-age={max_age}", "ETag": keyset.etag}
-    if etag_matches(request.headers.get("if-none-match"), keyset.etag):
-        return Response(status_code=304, headers=headers)
-    return Response(keyset.jwks_body, media_type="application/json", headers=headers)
+    fresh, not_modified = jwks_responses(keyset.jwks_body, keyset.etag, request.state.service.settings.jwks_max_age)
+    return not_modified if etag_matches(request.headers.get("if-none-match"), keyset.etag) else fresh
+
+
+@functools.lru_cache(maxsize=4)
+def jwks_responses(body: bytes, etag: str, max_age: int) -> tuple[Response, Response]:
+    """The JWKS answers (200, 304), built once per key set: a Response sends the same bytes each time."""
+    headers = {"Cache-Control": f"public, max-age={max_age}", "ETag": etag}
+    return Response(body, media_type="application/json", headers=headers), Response(status_code=304, headers=headers)
 
 
 async def metadata(request: Request) -> Response:
@@ -359,8 +373,7 @@ def create_app(settings: Settings, clock: Callable[[], float] = time.time) -> St
         },
     )
     app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
-    app.add_middleware(RequestId)
-    app.add_middleware(MeasureRequests)
+    app.add_middleware(Envelope)
     return app
 
 

@@ -77,6 +77,10 @@ class TemporarilyUnavailableError(AuthError):
     error, status_code, retry_after = "temporarily_unavailable", 503, 1
 
 
+class WouldBlockError(Exception):
+    """A write that would have to wait for another writer's lock; raised instead when asked not to wait."""
+
+
 class ConfigError(Exception):
     """A configuration value that cannot be used; the server does not start."""
 

@@ -1,4 +1,5 @@
-"""Prometheus metrics: requests and latencies by endpoint, audit events, and the state read at scrape time.
+"""Prometheus metrics: requests and latencies by endpoint (from web.Envelope), audit events, and the state
+read at scrape time.
 
 With several workers, `jwtauth serve` sets PROMETHEUS_MULTIPROC_DIR before any worker starts, so that
 counters and histograms live in files every worker writes and any worker's scrape adds up.
@@ -7,14 +8,13 @@ counters and histograms live in files every worker writes and any worker's scrap
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from jwtauth.service import AuthService
 
@@ -43,6 +43,7 @@ class Metrics:
             registry=self._registry,
         )  # fmt: skip
         self.events = Counter("jwtauth_audit_events", "Audit events by name.", ["event"], registry=self._registry)
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         self._state = CollectorRegistry()
         self._state.register(_State(service))
 
@@ -63,35 +64,15 @@ class Metrics:
         return generate_latest(counters) + generate_latest(self._state)
 
     def observe(self, path: str, method: str, status: int, seconds: float) -> None:
-        endpoint = path if path in self.paths else "other"
-        self.requests.labels(endpoint, method, str(status)).inc()
-        self.latency.labels(endpoint).observe(seconds)
-
-
-class MeasureRequests:
-    """Count and time every HTTP request, with the Metrics that the lifespan put in the app's state."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        metrics: Metrics | None = scope.get("state", {}).get("metrics")
-        if scope["type"] != "http" or metrics is None:
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        status = 500  # if no response starts
-
-        async def send_and_note(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_and_note)
-        finally:
-            metrics.observe(scope["path"], scope["method"], status, time.perf_counter() - started)
+        """Count and time one HTTP request (web.Envelope calls this)."""
+        key = (path if path in self.paths else "other", method, status)
+        children = self._children.get(key)
+        if children is None:  # labelled children are looked up once: the lookup costs more than the count
+            children = self._children[key] = (
+                self.requests.labels(key[0], method, str(status)), self.latency.labels(key[0])
+            )  # fmt: skip
+        children[0].inc()
+        children[1].observe(seconds)
 
 
 class _State(Collector):

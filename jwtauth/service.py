@@ -6,6 +6,7 @@ import hashlib
 import logging
 import re
 import time
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -16,11 +17,12 @@ from jwtauth.passwords import COMMON_PASSWORDS, MAX_PASSWORD_LENGTH, MIN_PASSWOR
 from jwtauth.store import Store, User
 from jwtauth.tokens import (
     AccessClaims,
+    family_of_refresh_token,
     hash_refresh_token,
+    new_family_id,
     new_refresh_token,
     new_session_id,
     new_token_id,
-    session_of_refresh_token,
     sign_access_token,
     verify_access_token,
 )
@@ -115,22 +117,21 @@ class AuthService:
     def register(self, email: str, password: str, name: str, address: str) -> User:
         """Create an account (open registration); blocking (one Argon2 hash).
 
-        A refused attempt counts against the address's login ceiling, so that probing which emails are
-        taken is as limited as guessing passwords.
+        Every attempt, refused or not, counts against the address's registration quota (as many per login
+        window as JWTAUTH_LOGIN_MAX_FAILURES_PER_ADDRESS), so that neither probing which emails are taken
+        nor making accounts is unbounded.
 
         Raises:
-            SlowDownError: too many refused attempts from this address.
+            SlowDownError: too many attempts from this address.
             InvalidRequestError: a bad address, or a password too short, too long or too common.
             ConflictError: the email is taken.
         """
-        address_key = _throttle_key("", address)
-        limits = {address_key: self.settings.login_max_failures_per_address}
+        limits = {_throttle_key("\x01registration", address): self.settings.login_max_failures_per_address}
         retry_after = self.store.take_login_attempt(limits, self.now(), self.settings.login_window)
         if retry_after is not None:
             self._audit("registration_throttled", address=address)
             raise SlowDownError(retry_after)
         user = UserAdmin(self.store, self.hasher, self.clock).add_user(email, password, name)
-        self.store.forgive_login_attempt(reset="", release=address_key)
         self._audit("user_registered", user=user.id)
         return user
 
@@ -149,24 +150,28 @@ class AuthService:
         self._audit("login_succeeded", user=user.id)
         return pair
 
-    def refresh(self, refresh_token: str) -> TokenPair:
+    def refresh(self, refresh_token: str, wait: bool = True) -> TokenPair:
         """Rotate a refresh token: spend it and return a new pair in the same session (RFC 9700 §4.14.2).
 
         Raises:
+            WouldBlockError: without `wait`, the database is locked by another writer; nothing was done.
             InvalidGrantError: unknown, expired, revoked or disabled; or reused after the reuse interval,
                 which revokes the whole session.
         """
         now = self.now()
-        named_session = session_of_refresh_token(refresh_token)
-        successor = new_refresh_token(named_session or new_session_id())  # stored only if that is its session
+        named_family = family_of_refresh_token(refresh_token)
+        new_family = named_family or new_family_id()  # the store checks it is the session's
+        successor = new_refresh_token(new_family)
         ttl = self.settings.refresh_ttl
         rotation = self.store.rotate_refresh_token(
             hash_refresh_token(refresh_token),
-            named_session,
+            named_family,
             hash_refresh_token(successor),
+            new_family,
             now,
             now + ttl,
             self.settings.refresh_reuse_interval,
+            wait,
         )
         user, session_id = rotation.user, rotation.session_id
         if rotation.outcome in ("invalid", "reuse_detected") or user is None or session_id is None:
@@ -246,10 +251,11 @@ class AuthService:
 
     def _start_session(self, user: User) -> TokenPair:
         now = self.now()
-        session_id = new_session_id()
-        refresh_token = new_refresh_token(session_id)
+        session_id, family = new_session_id(), new_family_id()
+        refresh_token = new_refresh_token(family)
         refresh_ttl = self.settings.refresh_ttl
-        self.store.start_session(session_id, user.id, hash_refresh_token(refresh_token), now, now + refresh_ttl)
+        token_hash = hash_refresh_token(refresh_token)
+        self.store.start_session(session_id, family, user.id, token_hash, now, now + refresh_ttl)
         return TokenPair(
             self._access_token(user, session_id, now), self.settings.access_ttl, refresh_token, refresh_ttl
         )
@@ -289,9 +295,9 @@ class UserAdmin:
             InvalidRequestError: a bad address or a password too short or too long.
             ConflictError: the email is taken.
         """
-        email = check_email(email)
+        email, name = check_email(email), check_name(name)
         check_password(password)
-        user = self.store.add_user(email, name.strip(), self.hasher.hash(password), self.now())
+        user = self.store.add_user(email, name, self.hasher.hash(password), self.now())
         audit("user_added", user=user.id)
         return user
 
@@ -359,9 +365,26 @@ def check_email(email: str) -> str:
         InvalidRequestError: it is not an address, or longer than 254 characters.
     """
     email = normalise_email(email)
-    if len(email) > MAX_EMAIL_LENGTH or not _EMAIL.fullmatch(email):
+    if len(email) > MAX_EMAIL_LENGTH or not _EMAIL.fullmatch(email) or has_control_characters(email):
         raise InvalidRequestError(f"not a valid email address: {email!r}")
     return email
+
+
+def check_name(name: str) -> str:
+    """Return the trimmed display name.
+
+    Raises:
+        InvalidRequestError: it is too long or holds control or formatting characters (terminal escapes,
+            bidirectional overrides), which would reach an operator's terminal through `users list`.
+    """
+    if len(name) > MAX_NAME_LENGTH or has_control_characters(name):
+        raise InvalidRequestError(f"name must be at most {MAX_NAME_LENGTH} printable characters")
+    return name.strip()
+
+
+def has_control_characters(text: str) -> bool:
+    """Whether text holds a control (Cc) or format (Cf) character, such as ESC, NUL or U+202E."""
+    return any(unicodedata.category(character) in ("Cc", "Cf") for character in text)
 
 
 def check_password(password: str) -> None:

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from sqlite_utils import Database
 
-from jwtauth.errors import ConflictError, StoreError, TemporarilyUnavailableError
+from jwtauth.errors import ConflictError, StoreError, TemporarilyUnavailableError, WouldBlockError
 
 # Each entry moves the schema one version up; PRAGMA user_version records how far a database has come.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -57,7 +57,14 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             attempts integer not null
         )""",
     ),
+    (
+        # The refresh-token family id: named by every refresh token of the session, shown nowhere else.
+        "alter table sessions add column family text",
+        "create unique index sessions_by_family on sessions(family)",
+    ),
 )
+
+MAX_LIVE_REFRESH_TOKENS = 5  # per session: one, plus the forks of concurrent refreshes within the interval
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,17 +122,25 @@ class Store:
         return db
 
     @contextmanager
-    def _write(self) -> Iterator[Database]:
+    def _write(self, wait: bool = True) -> Iterator[Database]:
         """One write transaction that takes the database's write lock at once (BEGIN IMMEDIATE).
 
         Taking the lock up front means concurrent writers, in this or another process, queue on the
-        busy timeout instead of failing on a lock upgrade half way through.
+        busy timeout instead of failing on a lock upgrade half way through. Without `wait`, a lock held
+        by another writer raises WouldBlockError at once: for callers on the event loop, which must not sleep.
         """
         db = self._db
         try:
+            if not wait:
+                db.execute("pragma busy_timeout = 0")
             db.execute("begin immediate")
         except sqlite3.OperationalError as exc:
+            if not wait:
+                raise WouldBlockError from exc
             raise TemporarilyUnavailableError("the database is busy; try again") from exc
+        finally:
+            if not wait:
+                db.execute(f"pragma busy_timeout = {int(self.busy_timeout * 1000)}")
         try:
             yield db
             db.conn.commit()
@@ -161,6 +176,12 @@ class Store:
         Raises:
             StoreError: the copy cannot be made or written.
         """
+        own_files = {
+            self.path.resolve(),
+            *(self.path.resolve().with_name(self.path.name + x) for x in ("-wal", "-shm")),
+        }
+        if target.resolve() in own_files:
+            raise StoreError(f"cannot back up {self.path} onto itself")
         temporary = target.with_name(f".{target.name}.tmp")
         try:
             temporary.unlink(missing_ok=True)
@@ -244,49 +265,76 @@ class Store:
 
     # Sessions and refresh tokens
 
-    def start_session(self, session_id: str, user_id: str, token_hash: str, now: int, expires_at: int) -> None:
+    def start_session(
+        self, session_id: str, family: str, user_id: str, token_hash: str, now: int, expires_at: int
+    ) -> None:
         """Create a session (a refresh-token family) with its first refresh token."""
         with self._write() as db:
-            db.execute("insert into sessions (id, user_id, created_at) values (?, ?, ?)", [session_id, user_id, now])
+            db.execute(
+                "insert into sessions (id, family, user_id, created_at) values (?, ?, ?, ?)",
+                [session_id, family, user_id, now],
+            )
             db.execute(
                 "insert into refresh_tokens (token_hash, session_id, issued_at, expires_at) values (?, ?, ?, ?)",
                 [token_hash, session_id, now, expires_at],
             )
 
     def rotate_refresh_token(
-        self, token_hash: str, named_session: str | None, new_hash: str, now: int, expires_at: int, reuse_interval: int
+        self,
+        token_hash: str,
+        named_family: str | None,
+        new_hash: str,
+        new_family: str,
+        now: int,
+        expires_at: int,
+        reuse_interval: int,
+        wait: bool = True,
     ) -> Rotation:
         """Spend a refresh token and store its successor, or detect its reuse; one write transaction.
 
         BEGIN IMMEDIATE takes SQLite's write lock before the token is read, so concurrent refreshes of
         one token, from any thread or process, are decided one after another: exactly one finds it unspent.
-        A reuse after the interval revokes the session, and that revocation is committed. Spent tokens are
-        kept only while a reuse of them would be forgiven; after that, a token that is not stored but
-        names a live session (`named_session`, from the token's prefix) can only be a spent one: a reuse.
+        A session keeps one line of tokens: a rotation deletes every other token of the session, unspent
+        ones (forks made within the reuse interval) and spent ones out of the interval alike. A token that
+        is not stored but names a live session's family (`named_family`, the token's prefix) was therefore
+        spent or forked away: a reuse, which revokes the session, and that revocation is committed.
+        `new_family` is the prefix of the successor: the session's family, or one for a session from before
+        families, which then takes it.
+
+        Raises:
+            WouldBlockError: without `wait`, another writer holds the lock; nothing was done.
+            TemporarilyUnavailableError: the lock stayed taken for the whole busy timeout.
         """
-        with self._write() as db:
+        with self._write(wait) as db:
             row = db.execute(
                 f"select refresh_tokens.session_id, refresh_tokens.expires_at, refresh_tokens.used_at,"
-                f" sessions.revoked_at, {_USER_COLUMNS_OF_USERS}"
+                f" sessions.revoked_at, sessions.family, {_USER_COLUMNS_OF_USERS}"
                 " from refresh_tokens join sessions on sessions.id = refresh_tokens.session_id"
                 " join users on users.id = sessions.user_id where refresh_tokens.token_hash = ?",
                 [token_hash],
             ).fetchone()
             if row is None:
-                return _replay_of_forgotten_token(db, named_session, now)
-            session_id, token_expires_at, used_at, revoked_at = row[:4]
-            user = _user(row[4:])
+                return _replay_of_forgotten_token(db, named_family, now)
+            session_id, token_expires_at, used_at, revoked_at, family = row[:5]
+            user = _user(row[5:])
             assert user is not None
-            if revoked_at is not None or user.is_disabled or token_expires_at <= now or named_session != session_id:
+            if revoked_at is not None or user.is_disabled or token_expires_at <= now:
                 return Rotation("invalid", user, session_id)
-            if used_at is not None and now - used_at >= reuse_interval:
+            if family is None:  # a session from before families takes the successor's
+                db.execute("update sessions set family = ? where id = ?", [new_family, session_id])
+            elif family != named_family or family != new_family:
+                return Rotation("invalid", user, session_id)
+            if used_at is not None and (
+                now - used_at >= reuse_interval or _live_tokens(db, session_id) >= MAX_LIVE_REFRESH_TOKENS
+            ):
                 _revoke_sessions(db, "id = ?", [session_id], now)
                 return Rotation("reuse_detected", user, session_id)
             if used_at is None:
                 db.execute("update refresh_tokens set used_at = ? where token_hash = ?", [now, token_hash])
-                db.execute(  # spent tokens out of the reuse interval: a replay of them is told by the prefix
-                    "delete from refresh_tokens where session_id = ? and used_at <= ? and token_hash != ?",
-                    [session_id, now - reuse_interval, token_hash],
+                db.execute(
+                    "delete from refresh_tokens where session_id = ? and token_hash != ?"
+                    " and (used_at is null or used_at <= ?)",
+                    [session_id, token_hash, now - reuse_interval],
                 )
             db.execute(
                 "insert into refresh_tokens (token_hash, session_id, issued_at, expires_at) values (?, ?, ?, ?)",
@@ -385,21 +433,27 @@ class Store:
         return True
 
 
-def _replay_of_forgotten_token(db: Database, named_session: str | None, now: int) -> Rotation:
-    """An unknown refresh token: a reuse, if it names a live session (its own tokens are all stored while
-    unspent, so it was spent); else just invalid. Naming a session takes its id, which only the holders
-    of its tokens see, and they could revoke it anyway."""
-    if named_session is None:
+def _live_tokens(db: Database, session_id: str) -> int:
+    return int(db.execute(
+        "select count(*) from refresh_tokens where session_id = ? and used_at is null", [session_id]
+    ).fetchone()[0])  # fmt: skip
+
+
+def _replay_of_forgotten_token(db: Database, named_family: str | None, now: int) -> Rotation:
+    """An unknown refresh token: a reuse, if it names a live session's family (whose tokens stay stored
+    while they are its line, so this one was spent or forked away); else just invalid. The family id is
+    in the session's refresh tokens only, so whoever names it held one of them."""
+    if named_family is None:
         return Rotation("invalid")
     row = db.execute(
-        f"select {_USER_COLUMNS_OF_USERS} from sessions join users on users.id = sessions.user_id"
-        " where sessions.id = ? and sessions.revoked_at is null",
-        [named_session],
+        f"select sessions.id, {_USER_COLUMNS_OF_USERS} from sessions join users on users.id = sessions.user_id"
+        " where sessions.family = ? and sessions.revoked_at is null",
+        [named_family],
     ).fetchone()
     if row is None:
         return Rotation("invalid")
-    _revoke_sessions(db, "id = ?", [named_session], now)
-    return Rotation("reuse_detected", _user(row), named_session)
+    _revoke_sessions(db, "id = ?", [row[0]], now)
+    return Rotation("reuse_detected", _user(row[1:]), row[0])
 
 
 def _revoke_sessions(db: Database, where: str, params: list[object], now: int) -> int:

@@ -6,8 +6,10 @@ import ipaddress
 import json
 import logging
 import re
-import uuid
+import secrets
+import time
 from collections.abc import Mapping
+from typing import Protocol
 
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
@@ -107,10 +109,17 @@ def _is_utf8(value: str) -> bool:
     return True
 
 
-class RequestId:
-    """Give every request an id, in `request.state.request_id` and the `X-Request-ID` response header,
-    and answer an unexpected exception with a JSON 500 naming it, logged once with its traceback under
-    that id; so that a client's report of an error can be found in the log, and the client sees no trace."""
+class Observer(Protocol):
+    """What Envelope reports each request to (metrics.Metrics)."""
+
+    def observe(self, path: str, method: str, status: int, seconds: float) -> None: ...
+
+
+class Envelope:
+    """The outermost layer of every request. It gives the request an id (`request.state.request_id`, the
+    `X-Request-ID` header, every log line); answers an unexpected exception with a JSON 500 naming it,
+    logged once with its traceback, so the client sees no trace; and reports the request, its status
+    and its time to the observer in the app's state (`metrics`). One layer, since each costs time."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -119,16 +128,17 @@ class RequestId:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = request_id
+        started = time.perf_counter()
+        request_id = secrets.token_hex(16)
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
         REQUEST_ID.set(request_id)  # for every log line of this request, in threads too (anyio copies context)
-
-        response_started = False
+        status = 0
 
         async def send_with_id(message: Message) -> None:
-            nonlocal response_started
+            nonlocal status
             if message["type"] == "http.response.start":
-                response_started = True
+                status = message["status"]
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
             await send(message)
 
@@ -136,10 +146,13 @@ class RequestId:
             await self.app(scope, receive, send_with_id)
         except Exception as exc:
             log.error("unhandled error, request_id=%s", request_id, exc_info=exc)
-            if response_started:  # too late for a 500: the server closes the connection
-                return
-            body = {"error": "server_error", "error_description": "internal error", "request_id": request_id}
-            await JSONResponse(body, 500, {"Cache-Control": "no-store"})(scope, receive, send_with_id)
+            if not status:  # else too late for a 500: the server closes the connection
+                body = {"error": "server_error", "error_description": "internal error", "request_id": request_id}
+                await JSONResponse(body, 500, {"Cache-Control": "no-store"})(scope, receive, send_with_id)
+        finally:
+            observer: Observer | None = state.get("metrics")
+            if observer is not None:
+                observer.observe(scope["path"], scope["method"], status or 500, time.perf_counter() - started)
 
 
 class BodyLimit:
@@ -216,12 +229,24 @@ def token_response(pair: TokenPair) -> Response:
 
 def client_address(request: Request, trusted_proxies: tuple[IPNetwork, ...]) -> str:
     """The client's address: the peer's, or, when the peer is a trusted proxy, the nearest address in
-    X-Forwarded-For that is not a trusted proxy (the ones to its left could be made up by the client)."""
+    X-Forwarded-For that is not a trusted proxy (the ones to its left could be made up by the client).
+    Addresses are canonical (no port, one spelling of IPv6), so one client counts as one."""
     peer = request.client.host if request.client else ""
     if not _is_trusted(peer, trusted_proxies):
-        return peer
-    hops = [hop.strip() for header in request.headers.getlist("x-forwarded-for") for hop in header.split(",")]
-    return next((hop for hop in reversed(hops) if hop and not _is_trusted(hop, trusted_proxies)), peer)
+        return _canonical(peer)
+    hops = [_canonical(hop) for header in request.headers.getlist("x-forwarded-for") for hop in header.split(",")]
+    return next((hop for hop in reversed(hops) if hop and not _is_trusted(hop, trusted_proxies)), _canonical(peer))
+
+
+def _canonical(address: str) -> str:
+    """`203.0.113.7:5000` → `203.0.113.7`, `[2001:DB8::1]:80` → `2001:db8::1`; anything else as it is."""
+    text = address.strip()
+    host = text.rpartition(":")[0] if text.count(":") == 1 else text  # IPv4 with a port
+    host = host.removeprefix("[").partition("]")[0] if host.startswith("[") else host
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return text
 
 
 def _is_trusted(address: str, trusted_proxies: tuple[IPNetwork, ...]) -> bool:

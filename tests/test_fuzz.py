@@ -51,9 +51,10 @@ def fuzzed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
     directory = tmp_path_factory.mktemp("fuzz")
     env = {**CHEAP_ARGON2, "JWTAUTH_DATABASE": str(directory / "auth.db"), "JWTAUTH_KEYS_DIR": str(directory / "keys"),
            "JWTAUTH_LOGIN_MAX_FAILURES": "1000000", "JWTAUTH_LOGIN_MAX_FAILURES_PER_ADDRESS": "1000000",
-           "JWTAUTH_PASSWORD_GRANT": "1", "JWTAUTH_OPEN_REGISTRATION": "1"}  # fmt: skip
+           "JWTAUTH_PASSWORD_GRANT": "1", "JWTAUTH_OPEN_REGISTRATION": "1",
+           "JWTAUTH_TRUSTED_PROXIES": "10.0.0.0/8"}  # fmt: skip
     add_user(Settings.from_env(env), "alice@example.com")
-    with TestClient(create_app(Settings.from_env(env))) as client:
+    with TestClient(create_app(Settings.from_env(env)), client=("10.1.2.3", 40000)) as client:  # a trusted proxy
         yield client
 
 

@@ -204,6 +204,18 @@ def test_registration_refusals_write_nothing(
     assert table_counts(settings.db_path) == before
 
 
+def test_successful_registrations_count_against_the_address_too(env: dict[str, str]) -> None:
+    settings = Settings.from_env(
+        {**env, "JWTAUTH_OPEN_REGISTRATION": "1", "JWTAUTH_LOGIN_MAX_FAILURES_PER_ADDRESS": "3"}
+    )
+    with TestClient(create_app(settings)) as client:
+        bodies = [{"email": f"u{n}@example.com", "password": "a fine password"} for n in range(4)]
+        statuses = [client.post("/users", json=body).status_code for body in bodies]
+
+    assert statuses == [201, 201, 201, 429]
+    assert table_counts(settings.db_path)["users"] == 3
+
+
 def test_probing_taken_emails_is_throttled_per_address(env: dict[str, str], alice: Account) -> None:
     settings = Settings.from_env(
         {**env, "JWTAUTH_OPEN_REGISTRATION": "1", "JWTAUTH_LOGIN_MAX_FAILURES_PER_ADDRESS": "3"}
@@ -284,6 +296,17 @@ def test_db_check_reports_a_damaged_database(env: dict[str, str], settings: Sett
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert "problems" in result.stdout
+
+
+def test_backup_onto_the_database_itself_is_refused(env: dict[str, str], settings: Settings, alice: Account) -> None:
+    for target in (env["JWTAUTH_DATABASE"], env["JWTAUTH_DATABASE"] + "-wal"):
+        result = run_cli("db", "backup", target, env=env)
+
+        assert (result.returncode, result.stderr.strip()) == (
+            1,
+            f"jwtauth: cannot back up {settings.db_path} onto itself",
+        )
+    assert run_cli("db", "check", env=env).stdout.strip() == "ok"
 
 
 def test_db_check_and_backup_without_a_database_fail_cleanly(env: dict[str, str], tmp_path: Path) -> None:

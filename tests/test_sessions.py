@@ -159,12 +159,24 @@ def test_replay_of_a_token_spent_generations_ago_revokes_the_family(strict: Test
     assert strict.get("/userinfo", headers=bearer(thiefs["access_token"])).status_code == 401
 
 
-def test_a_made_up_token_naming_a_live_session_revokes_it(strict: TestClient, alice: Account) -> None:
-    """Only holders of the session's tokens know its id, and they could revoke it anyway (/revoke)."""
+def test_the_sid_gives_no_hold_on_the_refresh_tokens(strict: TestClient, settings: Settings, alice: Account) -> None:
+    """The sid is in every access token, so resource servers and logs see it: naming it does nothing."""
     pair = login(strict, alice.email)
-    made_up = sid_of(pair) + ".made-up-secret"
+    before = table_counts(settings.db_path)
 
-    assert_invalid_grant(refresh(strict, made_up))
+    for made_up in (sid_of(pair) + ".made-up-secret", sid_of(pair)):
+        assert_invalid_grant(refresh(strict, made_up))
+
+    assert table_counts(settings.db_path) == before
+    assert refresh(strict, pair["refresh_token"]).status_code == 200
+
+
+def test_a_wrong_secret_under_a_live_family_revokes_it(strict: TestClient, alice: Account) -> None:
+    """The family id is in the session's refresh tokens only: naming it means holding one of them."""
+    pair = login(strict, alice.email)
+    family = str(pair["refresh_token"]).split(".")[0]
+
+    assert_invalid_grant(refresh(strict, family + ".not-the-secret"))
 
     assert_invalid_grant(refresh(strict, pair["refresh_token"]))
 
@@ -175,7 +187,7 @@ def test_a_made_up_token_naming_no_session_changes_nothing(
     pair = login(strict, alice.email)
     before = table_counts(settings.db_path)
 
-    for made_up in ("00000000-0000-4000-8000-000000000000.secret", "not-a-uuid.secret", "no-dot-at-all"):
+    for made_up in ("AAAAAAAAAAAAAAAAAAAAAA.secret", "too-short.secret", "no-dot-at-all"):
         assert_invalid_grant(refresh(strict, made_up))
 
     assert table_counts(settings.db_path) == before
@@ -201,15 +213,39 @@ def test_reuse_within_the_interval_gets_a_pair_in_the_same_family(
     lenient: TestClient, clock: Clock, alice: Account
 ) -> None:
     first = login(lenient, alice.email)
-    second = refresh(lenient, first["refresh_token"]).json()
+    refresh(lenient, first["refresh_token"])
     clock.advance(9)
 
     response = refresh(lenient, first["refresh_token"])
 
     assert response.status_code == 200
     assert sid_of(response.json()) == sid_of(first)
-    assert refresh(lenient, second["refresh_token"]).status_code == 200
-    assert refresh(lenient, response.json()["refresh_token"]).status_code == 200
+    assert refresh(lenient, response.json()["refresh_token"]).status_code == 200  # the client goes on with it
+
+
+def test_a_fork_dies_when_its_sibling_rotates_and_its_use_revokes_the_family(
+    lenient: TestClient, clock: Clock, alice: Account
+) -> None:
+    """A thief who replays a token within the interval gets a fork; once the owner rotates, the fork is
+    gone, and presenting it gives the theft away."""
+    first = login(lenient, alice.email)
+    owners = refresh(lenient, first["refresh_token"]).json()
+    thiefs = refresh(lenient, first["refresh_token"]).json()  # within the interval: a fork
+    owners = refresh(lenient, owners["refresh_token"]).json()
+    clock.advance(30)
+
+    assert_invalid_grant(refresh(lenient, thiefs["refresh_token"]))
+
+    assert_invalid_grant(refresh(lenient, owners["refresh_token"]))  # the session is revoked
+
+
+def test_forks_within_the_interval_are_limited(lenient: TestClient, alice: Account) -> None:
+    first = login(lenient, alice.email)
+    refresh(lenient, first["refresh_token"])
+
+    statuses = [refresh(lenient, first["refresh_token"]).status_code for _ in range(6)]
+
+    assert statuses == [200] * 4 + [400] * 2  # five live tokens at most; the sixth use is taken as theft
 
 
 def test_reuse_after_the_interval_revokes_the_family(lenient: TestClient, clock: Clock, alice: Account) -> None:

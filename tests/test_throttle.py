@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import threading
 from collections.abc import Iterator
 
 import httpx2 as httpx
@@ -158,3 +160,29 @@ def test_the_count_is_shared_by_two_workers(env: dict[str, str]) -> None:
 
     assert statuses == [400] * 5 + [429] * 5
     assert final == 429
+
+
+def test_concurrent_guesses_get_no_more_checks_than_the_limit(proxied: TestClient, alice: Account) -> None:
+    start = threading.Barrier(20)
+
+    def guess(_: int) -> int:
+        start.wait()
+        return attempt(proxied, alice.email, "wrong password").status_code
+
+    with concurrent.futures.ThreadPoolExecutor(20) as pool:
+        statuses = sorted(pool.map(guess, range(20)))
+
+    assert statuses == [400] * 5 + [429] * 15
+
+
+@pytest.mark.parametrize(
+    "spellings",
+    [("203.0.113.7", "203.0.113.7:5000", "203.0.113.7:6001"), ("2001:db8::1", "2001:DB8:0::1", "[2001:db8::1]:80")],
+)
+def test_one_client_is_one_address_however_it_is_spelt(
+    proxied: TestClient, alice: Account, spellings: tuple[str, ...]
+) -> None:
+    for n in range(5):
+        attempt(proxied, alice.email, "wrong password", address=spellings[n % len(spellings)])
+
+    assert attempt(proxied, alice.email, alice.password, address=spellings[-1]).status_code == 429
