@@ -119,6 +119,7 @@ class Store:
             db.execute("pragma foreign_keys = on")
             db.execute("pragma synchronous = normal")  # durable in WAL mode, fsyncs only at checkpoints
             self._local.db = db
+            self._local.waits = True  # a new connection waits for the busy timeout
         return db
 
     @contextmanager
@@ -130,17 +131,15 @@ class Store:
         by another writer raises WouldBlockError at once: for callers on the event loop, which must not sleep.
         """
         db = self._db
+        if getattr(self._local, "waits", True) != wait:  # each thread keeps the setting it last used
+            db.execute(f"pragma busy_timeout = {int(self.busy_timeout * 1000) if wait else 0}")
+            self._local.waits = wait
         try:
-            if not wait:
-                db.execute("pragma busy_timeout = 0")
             db.execute("begin immediate")
         except sqlite3.OperationalError as exc:
             if not wait:
                 raise WouldBlockError from exc
             raise TemporarilyUnavailableError("the database is busy; try again") from exc
-        finally:
-            if not wait:
-                db.execute(f"pragma busy_timeout = {int(self.busy_timeout * 1000)}")
         try:
             yield db
             db.conn.commit()
@@ -213,6 +212,7 @@ class Store:
         if db is not None:
             db.close()
             self._local.db = None
+            self._local.waits = True
 
     # Users
 
