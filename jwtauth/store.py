@@ -202,10 +202,6 @@ class Store:
             return [str(exc)]
         return problems + [f"foreign key broken: {row[0]} row {row[1]}" for row in foreign]
 
-    def schema_version(self) -> int:
-        """Return the migration the database is at (0 for a new file)."""
-        return int(self._db.execute("pragma user_version").fetchone()[0])
-
     def close(self) -> None:
         """Close this thread's connection, if it has one."""
         db = getattr(self._local, "db", None)
