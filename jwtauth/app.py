@@ -58,11 +58,7 @@ log = logging.getLogger("jwtauth")
 async def login(request: Request) -> Response:
     """Log in with email and password: a new session and its token pair.
     ---
-    requestBody:
-      required: true
-      content:
-        application/json: {schema: {$ref: "#/components/schemas/Login"}}
-        application/x-www-form-urlencoded: {schema: {$ref: "#/components/schemas/Login"}}
+    requestBody: {$ref: "#/components/requestBodies/Login"}
     responses:
       "200": {$ref: "#/components/responses/TokenPair"}
       "400": {$ref: "#/components/responses/Error"}
@@ -86,11 +82,7 @@ async def _password_login(request: Request, email: str, params: Mapping[str, obj
 async def register(request: Request) -> Response:
     """Create an account, when JWTAUTH_OPEN_REGISTRATION=1.
     ---
-    requestBody:
-      required: true
-      content:
-        application/json: {schema: {$ref: "#/components/schemas/Registration"}}
-        application/x-www-form-urlencoded: {schema: {$ref: "#/components/schemas/Registration"}}
+    requestBody: {$ref: "#/components/requestBodies/Registration"}
     responses:
       "201":
         description: Created
@@ -118,11 +110,7 @@ async def register(request: Request) -> Response:
 async def refresh(request: Request) -> Response:
     """Rotate a refresh token: a new pair in the same session.
     ---
-    requestBody:
-      required: true
-      content:
-        application/json: {schema: {$ref: "#/components/schemas/Refresh"}}
-        application/x-www-form-urlencoded: {schema: {$ref: "#/components/schemas/Refresh"}}
+    requestBody: {$ref: "#/components/requestBodies/Refresh"}
     responses:
       "200": {$ref: "#/components/responses/TokenPair"}
       "400": {$ref: "#/components/responses/Error"}
@@ -145,10 +133,7 @@ async def _refresh(request: Request, params: Mapping[str, object]) -> Response:
 async def token(request: Request) -> Response:
     """The OAuth 2.0 token endpoint (RFC 6749 §3.2): refresh_token grant; password grant if enabled.
     ---
-    requestBody:
-      required: true
-      content:
-        application/x-www-form-urlencoded: {schema: {$ref: "#/components/schemas/Token"}}
+    requestBody: {$ref: "#/components/requestBodies/Token"}
     responses:
       "200": {$ref: "#/components/responses/TokenPair"}
       "400": {$ref: "#/components/responses/Error"}
@@ -169,11 +154,7 @@ async def token(request: Request) -> Response:
 async def revoke(request: Request) -> Response:
     """Revoke the session of a refresh or access token (RFC 7009); 200 for any well-formed request.
     ---
-    requestBody:
-      required: true
-      content:
-        application/json: {schema: {$ref: "#/components/schemas/Revoke"}}
-        application/x-www-form-urlencoded: {schema: {$ref: "#/components/schemas/Revoke"}}
+    requestBody: {$ref: "#/components/requestBodies/Revoke"}
     responses:
       "200":
         description: Revoked, or nothing to revoke
@@ -191,11 +172,7 @@ async def logout(request: Request) -> Response:
     """End the bearer's session (scope local) or every session of its user (scope global).
     ---
     security: [{bearer: []}]
-    requestBody:
-      required: false
-      content:
-        application/json: {schema: {$ref: "#/components/schemas/Logout"}}
-        application/x-www-form-urlencoded: {schema: {$ref: "#/components/schemas/Logout"}}
+    requestBody: {$ref: "#/components/requestBodies/Logout"}
     responses:
       "204": {description: Logged out}
       "400": {$ref: "#/components/responses/Error"}

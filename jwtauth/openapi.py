@@ -15,6 +15,16 @@ def _object(required: list[str], **properties: dict[str, Any]) -> dict[str, Any]
     return {"type": "object", "required": required, "properties": properties}
 
 
+def _body(
+    schema: str,
+    media_types: tuple[str, ...] = ("application/json", "application/x-www-form-urlencoded"),
+    required: bool = True,
+) -> dict[str, Any]:
+    """A request body of the named schema: every endpoint with a body takes JSON and form alike."""
+    content = {media_type: {"schema": {"$ref": f"#/components/schemas/{schema}"}} for media_type in media_types}
+    return {"required": required, "content": content}
+
+
 BASE: dict[str, Any] = {
     "openapi": "3.0.3",
     "info": {
@@ -70,6 +80,11 @@ BASE: dict[str, Any] = {
             "Metadata": _object(["issuer", "token_endpoint", "jwks_uri"], issuer={"type": "string"}),
             "Empty": {"type": "object", "additionalProperties": False},
             "Health": _object(["status"], status={"type": "string", "enum": ["ok", "unavailable"]}),
+        },
+        "requestBodies": {
+            **{name: _body(name) for name in ("Login", "Registration", "Refresh", "Revoke")},
+            "Token": _body("Token", media_types=("application/x-www-form-urlencoded",)),  # RFC 6749 §4.3.2
+            "Logout": _body("Logout", required=False),
         },
         "responses": {
             "Error": {

@@ -106,10 +106,7 @@ class AuthService:
         # Unknown emails are counted like known ones, so that a 429 tells nothing about who has an account.
         pair_key, address_key = _throttle_key(email, address), _throttle_key("", address)
         limits = {pair_key: self.settings.login_max_failures, address_key: self.settings.login_max_failures_per_address}
-        retry_after = self.store.take_login_attempt(limits, self.now(), self.settings.login_window)
-        if retry_after is not None:
-            self._audit("login_throttled", address=address)
-            raise SlowDownError(retry_after)
+        self._take_attempt(limits, "login_throttled", address)
         pair = self._check_credentials(email, password)
         self.store.forgive_login_attempt(reset=pair_key, release=address_key)
         return pair
@@ -127,13 +124,16 @@ class AuthService:
             ConflictError: the email is taken.
         """
         limits = {_throttle_key("\x01registration", address): self.settings.login_max_failures_per_address}
-        retry_after = self.store.take_login_attempt(limits, self.now(), self.settings.login_window)
-        if retry_after is not None:
-            self._audit("registration_throttled", address=address)
-            raise SlowDownError(retry_after)
+        self._take_attempt(limits, "registration_throttled", address)
         user = UserAdmin(self.store, self.hasher, self.clock).add_user(email, password, name)
         self._audit("user_registered", user=user.id)
         return user
+
+    def _take_attempt(self, limits: dict[str, int], throttled_event: str, address: str) -> None:
+        retry_after = self.store.take_login_attempt(limits, self.now(), self.settings.login_window)
+        if retry_after is not None:
+            self._audit(throttled_event, address=address)
+            raise SlowDownError(retry_after)
 
     def _check_credentials(self, email: str, password: str) -> TokenPair:
         user = self.store.find_user_by_email(email)
