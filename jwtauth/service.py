@@ -14,7 +14,7 @@ from jwtauth.config import CLIENT_ID, Settings
 from jwtauth.errors import InvalidGrantError, InvalidRequestError, InvalidTokenError, SlowDownError
 from jwtauth.keys import KeyStore
 from jwtauth.passwords import COMMON_PASSWORDS, MAX_PASSWORD_LENGTH, MIN_PASSWORD_LENGTH, PasswordHasher
-from jwtauth.store import Store, User
+from jwtauth.store import Rotation, Store, User
 from jwtauth.tokens import (
     AccessClaims,
     family_of_refresh_token,
@@ -159,19 +159,21 @@ class AuthService:
                 which revokes the whole session.
         """
         now = self.now()
-        named_family = family_of_refresh_token(refresh_token)
-        new_family = named_family or new_family_id()  # the store checks it is the session's
-        successor = new_refresh_token(new_family)
+        family = family_of_refresh_token(refresh_token)
+        successor = new_refresh_token(family) if family else ""
         ttl = self.settings.refresh_ttl
-        rotation = self.store.rotate_refresh_token(
-            hash_refresh_token(refresh_token),
-            named_family,
-            hash_refresh_token(successor),
-            new_family,
-            now,
-            now + ttl,
-            self.settings.refresh_reuse_interval,
-            wait,
+        rotation = (
+            self.store.rotate_refresh_token(
+                family,
+                hash_refresh_token(refresh_token),
+                hash_refresh_token(successor),
+                now,
+                now + ttl,
+                self.settings.refresh_reuse_interval,
+                wait,
+            )
+            if family
+            else Rotation("invalid")  # names no family, so not a token of ours: no lookup, no lock
         )
         user, session_id = rotation.user, rotation.session_id
         if rotation.outcome in ("invalid", "reuse_detected") or user is None or session_id is None:
@@ -184,7 +186,8 @@ class AuthService:
     def revoke(self, token: str) -> None:
         """Revoke the session of a refresh token or of a valid access token; anything else is ignored
         (RFC 7009 §2.2: the client cannot act on it)."""
-        session_id = self.store.find_refresh_session(hash_refresh_token(token))
+        family = family_of_refresh_token(token)
+        session_id = self.store.find_refresh_session(family, hash_refresh_token(token)) if family else None
         if session_id is None:
             try:
                 session_id = self._verify(token)["sid"]

@@ -62,9 +62,31 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "alter table sessions add column family text",
         "create unique index sessions_by_family on sessions(family)",
     ),
+    (
+        # Refresh tokens clustered by session: a rotation reads and writes one place of one B-tree, instead
+        # of three B-trees at random places. Found by (family → session, hash), so a session from before
+        # families, whose tokens name none, can no longer be found: it ends, and its user logs in again.
+        "delete from sessions where family is null",  # its refresh tokens go with it (on delete cascade)
+        """create table refresh_tokens_v4 (
+            session_id text not null references sessions(id) on delete cascade,
+            token_hash text not null,  -- the SHA-256 of the token, never the token itself
+            issued_at integer not null,
+            expires_at integer not null,
+            used_at integer,
+            generation integer not null default 0,  -- rotations since the login: a fork shares its sibling's
+            primary key (session_id, token_hash)
+        ) without rowid""",
+        """insert into refresh_tokens_v4 (session_id, token_hash, issued_at, expires_at, used_at)
+            select session_id, token_hash, issued_at, expires_at, used_at from refresh_tokens""",
+        "drop table refresh_tokens",
+        "alter table refresh_tokens_v4 rename to refresh_tokens",
+    ),
 )
 
-MAX_LIVE_REFRESH_TOKENS = 5  # per session: one, plus the forks of concurrent refreshes within the interval
+# Per session: the live token plus the forks of concurrent refreshes within the reuse interval; and the spent
+# tokens of the last few rotations, remembered for that interval, so that a late duplicate gets its fork.
+MAX_LIVE_REFRESH_TOKENS = 5
+MAX_SPENT_REFRESH_TOKENS = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,31 +293,30 @@ class Store:
                 [session_id, family, user_id, now],
             )
             db.execute(
-                "insert into refresh_tokens (token_hash, session_id, issued_at, expires_at) values (?, ?, ?, ?)",
-                [token_hash, session_id, now, expires_at],
+                "insert into refresh_tokens (session_id, token_hash, issued_at, expires_at) values (?, ?, ?, ?)",
+                [session_id, token_hash, now, expires_at],
             )
 
     def rotate_refresh_token(
         self,
+        family: str,
         token_hash: str,
-        named_family: str | None,
         new_hash: str,
-        new_family: str,
         now: int,
         expires_at: int,
         reuse_interval: int,
         wait: bool = True,
     ) -> Rotation:
-        """Spend a refresh token and store its successor, or detect its reuse; one write transaction.
+        """Spend the refresh token of `family` with this hash and store its successor, or detect its reuse;
+        one write transaction.
 
         BEGIN IMMEDIATE takes SQLite's write lock before the token is read, so concurrent refreshes of
         one token, from any thread or process, are decided one after another: exactly one finds it unspent.
-        A session keeps one line of tokens: a rotation deletes every other token of the session, unspent
-        ones (forks made within the reuse interval) and spent ones out of the interval alike. A token that
-        is not stored but names a live session's family (`named_family`, the token's prefix) was therefore
-        spent or forked away: a reuse, which revokes the session, and that revocation is committed.
-        `new_family` is the prefix of the successor: the session's family, or one for a session from before
-        families, which then takes it.
+        A session keeps one line of tokens: a rotation deletes the other unspent tokens (forks made within
+        the reuse interval), and spent ones out of the interval or spent MAX_SPENT_REFRESH_TOKENS or more
+        rotations before this one.
+        A token that is not stored but names a live session's family was therefore spent or forked away:
+        a reuse, which revokes the session, and that revocation is committed.
 
         Raises:
             WouldBlockError: without `wait`, another writer holds the lock; nothing was done.
@@ -303,44 +324,52 @@ class Store:
         """
         with self._write(wait) as db:
             row = db.execute(
-                f"select refresh_tokens.session_id, refresh_tokens.expires_at, refresh_tokens.used_at,"
-                f" sessions.revoked_at, sessions.family, {_USER_COLUMNS_OF_USERS}"
-                " from refresh_tokens join sessions on sessions.id = refresh_tokens.session_id"
-                " join users on users.id = sessions.user_id where refresh_tokens.token_hash = ?",
-                [token_hash],
+                "select sessions.id, sessions.revoked_at, refresh_tokens.token_hash is not null,"
+                " refresh_tokens.expires_at, refresh_tokens.used_at, refresh_tokens.generation,"
+                f" {_USER_COLUMNS_OF_USERS}"
+                " from sessions join users on users.id = sessions.user_id left join refresh_tokens"
+                " on refresh_tokens.session_id = sessions.id and refresh_tokens.token_hash = ?"
+                " where sessions.family = ?",
+                [token_hash, family],
             ).fetchone()
             if row is None:
-                return _replay_of_forgotten_token(db, named_family, now)
-            session_id, token_expires_at, used_at, revoked_at, family = row[:5]
-            user = _user(row[5:])
-            assert user is not None
-            if revoked_at is not None or user.is_disabled or token_expires_at <= now:
+                return Rotation("invalid")
+            session_id, revoked_at, stored, token_expires_at, used_at, generation = row[:6]
+            user = _user(row[6:])
+            if revoked_at is not None:
                 return Rotation("invalid", user, session_id)
-            if family is None:  # a session from before families takes the successor's
-                db.execute("update sessions set family = ? where id = ?", [new_family, session_id])
-            elif family != named_family or family != new_family:
-                return Rotation("invalid", user, session_id)
-            if used_at is not None and (
-                now - used_at >= reuse_interval or _live_tokens(db, session_id) >= MAX_LIVE_REFRESH_TOKENS
-            ):
+            if not stored:  # the family id is in this session's tokens only: whoever names it held one of them
                 _revoke_sessions(db, "id = ?", [session_id], now)
                 return Rotation("reuse_detected", user, session_id)
+            if token_expires_at <= now or user is None or user.is_disabled:
+                return Rotation("invalid", user, session_id)
             if used_at is None:
-                db.execute("update refresh_tokens set used_at = ? where token_hash = ?", [now, token_hash])
                 db.execute(
-                    "delete from refresh_tokens where session_id = ? and token_hash != ?"
-                    " and (used_at is null or used_at <= ?)",
-                    [session_id, token_hash, now - reuse_interval],
+                    "update refresh_tokens set used_at = ? where session_id = ? and token_hash = ?",
+                    [now, session_id, token_hash],
                 )
+                db.execute(  # the session's few rows, in one place of the table
+                    "delete from refresh_tokens where session_id = ? and token_hash != ?"
+                    " and (used_at is null or used_at <= ? or generation <= ?)",
+                    [session_id, token_hash, now - reuse_interval, generation - MAX_SPENT_REFRESH_TOKENS],
+                )
+            elif now - used_at >= reuse_interval or _live_tokens(db, session_id) >= MAX_LIVE_REFRESH_TOKENS:
+                _revoke_sessions(db, "id = ?", [session_id], now)
+                return Rotation("reuse_detected", user, session_id)
             db.execute(
-                "insert into refresh_tokens (token_hash, session_id, issued_at, expires_at) values (?, ?, ?, ?)",
-                [new_hash, session_id, now, expires_at],
+                "insert into refresh_tokens (session_id, token_hash, issued_at, expires_at, generation)"
+                " values (?, ?, ?, ?, ?)",
+                [session_id, new_hash, now, expires_at, generation + 1],
             )
             return Rotation("rotated" if used_at is None else "reused_within_interval", user, session_id)
 
-    def find_refresh_session(self, token_hash: str) -> str | None:
+    def find_refresh_session(self, family: str, token_hash: str) -> str | None:
         """Return the id of the session a refresh token belongs to (spent or not), or None."""
-        row = self._db.execute("select session_id from refresh_tokens where token_hash = ?", [token_hash]).fetchone()
+        row = self._db.execute(
+            "select sessions.id from sessions join refresh_tokens on refresh_tokens.session_id = sessions.id"
+            " where sessions.family = ? and refresh_tokens.token_hash = ?",
+            [family, token_hash],
+        ).fetchone()
         return None if row is None else str(row[0])
 
     def revoke_session(self, session_id: str, now: int) -> int:
@@ -433,23 +462,6 @@ def _live_tokens(db: Database, session_id: str) -> int:
     return int(db.execute(
         "select count(*) from refresh_tokens where session_id = ? and used_at is null", [session_id]
     ).fetchone()[0])  # fmt: skip
-
-
-def _replay_of_forgotten_token(db: Database, named_family: str | None, now: int) -> Rotation:
-    """An unknown refresh token: a reuse, if it names a live session's family (whose tokens stay stored
-    while they are its line, so this one was spent or forked away); else just invalid. The family id is
-    in the session's refresh tokens only, so whoever names it held one of them."""
-    if named_family is None:
-        return Rotation("invalid")
-    row = db.execute(
-        f"select sessions.id, {_USER_COLUMNS_OF_USERS} from sessions join users on users.id = sessions.user_id"
-        " where sessions.family = ? and sessions.revoked_at is null",
-        [named_family],
-    ).fetchone()
-    if row is None:
-        return Rotation("invalid")
-    _revoke_sessions(db, "id = ?", [row[0]], now)
-    return Rotation("reuse_detected", _user(row[1:]), row[0])
 
 
 def _revoke_sessions(db: Database, where: str, params: list[object], now: int) -> int:

@@ -1,6 +1,6 @@
 """Where a jwtauth worker's CPU goes under one load: py-spy samples the server while wrk drives it.
 
-    python scripts/bench_profile.py refresh --py-spy /tmp/pyspy/bin/py-spy [--seconds 10]
+    python scripts/bench_profile.py refresh --py-spy /tmp/pyspy/bin/py-spy [--seconds 10] [--all-threads]
 
 py-spy is not a dependency of the project: install it anywhere (`pip install --target /tmp/pyspy py-spy`)
 and name its binary. The server runs as in the bench (one worker on CPU 0, wrk and py-spy on CPU 1);
@@ -38,7 +38,13 @@ from bench_wrk import Load
 REPO = Path(__file__).resolve().parent.parent
 RATE = 250  # samples per second
 # Logins are profiled at the default Argon2 parameters (the CPU-saturating case), the rest at cheap ones.
-PROFILE_ACCOUNTS = {"login": "default", "refresh": "cheap", "jwks": "cheap", "userinfo": "cheap"}
+PROFILE_ACCOUNTS = {
+    "login": "default",
+    "login-cheap": "cheap",
+    "refresh": "cheap",
+    "jwks": "cheap",
+    "userinfo": "cheap",
+}
 CATEGORIES = (  # first match wins; matched against "function (file:line)" frames, innermost first
     ("RS256 (PyJWT + cryptography)", ("jwt/algorithms.py", "cryptography/")),
     ("PyJWT outside the RSA operation", ("jwt/",)),
@@ -91,7 +97,7 @@ def summary(stacks: Counter[tuple[str, ...]], top: int = 25) -> str:
         own[short(stack[-1])] += count
         for frame in {short(frame) for frame in stack}:
             inclusive[frame] += count
-    lines = [f"{total} samples with the GIL held", "", "by category (innermost matching frame):"]
+    lines = [f"{total} samples", "", "by category (innermost matching frame):"]
     lines += [f"  {count / total:6.1%}  {name}" for name, count in categories.most_common()]
     lines += ["", f"top {top} functions, inclusive:"]
     lines += [f"  {count / total:6.1%}  {name}" for name, count in inclusive.most_common(top)]
@@ -132,17 +138,17 @@ def load_for(kind: str, installation: Installation, directory: Path, seconds: in
     if kind == "userinfo":
         token = str(login_many(url, emails, 1)[0]["access_token"])
         return Load(f"{url}/userinfo", "get.lua", (token,), seconds, 16)
-    if kind == "login":
+    if kind in ("login", "login-cheap"):
         (directory / "cheap.emails").write_text("".join(f"{email}\n" for email in emails))
         return Load(f"{url}/login", "login.lua", (str(directory / "cheap.emails"), PASSWORD, "1"), seconds, 4)
     return Load(f"{url}/.well-known/jwks.json", "get.lua", (), seconds, 16)
 
 
-def profile(kind: str, py_spy: str, seconds: int, out: Path) -> Path:
+def profile(kind: str, py_spy: str, seconds: int, out: Path, all_threads: bool) -> Path:
     """Serve (one worker, CPU 0), start wrk, record py-spy for the same time; return the stacks."""
     with tempfile.TemporaryDirectory(prefix="jwtauth-profile-") as directory:
         installation = Installation(Path(directory), free_port())
-        parameters = DEFAULT_ARGON2 if kind == "login" else CHEAP_ARGON2
+        parameters = DEFAULT_ARGON2 if PROFILE_ACCOUNTS[kind] == "default" else CHEAP_ARGON2
         add_users(installation, account_emails(PROFILE_ACCOUNTS[kind], 8), parameters)
         env = installation.env(parameters)
         log = Path(directory) / "server.log"
@@ -150,10 +156,13 @@ def profile(kind: str, py_spy: str, seconds: int, out: Path) -> Path:
             load = load_for(kind, installation, Path(directory), seconds + 2)
             wrk = bench_wrk.start(load)
             # --gil: only the thread holding the GIL, i.e. the Python work of the process; C code that
-            # releases the GIL (RSA in cryptography, SQLite's stepping, Argon2) is not sampled. --nonblocking
-            # keeps py-spy from pausing the server (--native would need pauses, which slow it 5-fold).
+            # releases the GIL (RSA in cryptography, SQLite's stepping, Argon2) is not sampled. Without it
+            # (--all-threads), every thread that is not idle, in the Python frame that called the C code, which
+            # shows where the CPU goes. --nonblocking keeps py-spy from pausing the server (--native would need
+            # pauses, which slow it 5-fold).
             record = ["taskset", "-c", "1", py_spy, "record", "--pid", str(server.process.pid), "--rate", str(RATE)]
-            record += ["--gil", "--nonblocking", "--duration", str(seconds), "--format", "raw", "--output", str(out)]
+            record += [] if all_threads else ["--gil"]
+            record += ["--nonblocking", "--duration", str(seconds), "--format", "raw", "--output", str(out)]
             before = thread_seconds(server.process.pid)
             subprocess.run(record, check=True, capture_output=True, timeout=seconds + 60)
             after = thread_seconds(server.process.pid)
@@ -165,14 +174,18 @@ def profile(kind: str, py_spy: str, seconds: int, out: Path) -> Path:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("load", choices=("refresh", "jwks", "userinfo", "login"))
+    parser.add_argument("load", choices=tuple(PROFILE_ACCOUNTS))
     parser.add_argument("--py-spy", required=True, help="the py-spy binary")
     parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--all-threads", action="store_true", help="sample busy threads, not only the GIL holder")
     args = parser.parse_args(argv)
     (REPO / "results").mkdir(exist_ok=True)
-    stacks = profile(args.load, args.py_spy, args.seconds, REPO / "results" / f"profile-{args.load}.txt")
+    stacks = profile(
+        args.load, args.py_spy, args.seconds, REPO / "results" / f"profile-{args.load}.txt", args.all_threads
+    )
     samples = read_stacks(stacks)
-    print(f"GIL held in {sum(samples.values()) / (RATE * args.seconds):.0%} of the samples' instants")
+    sampled = "a thread was busy" if args.all_threads else "the GIL was held"
+    print(f"{sampled} in {sum(samples.values()) / (RATE * args.seconds):.0%} of the samples' instants")
     print(summary(samples))
     return 0
 

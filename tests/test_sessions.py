@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import hashlib
+import itertools
 import logging
 import sqlite3
 import threading
@@ -16,6 +19,8 @@ from starlette.testclient import TestClient
 
 from jwtauth.app import create_app
 from jwtauth.config import Settings
+from jwtauth.passwords import PasswordHasher
+from jwtauth.store import MIGRATIONS
 
 from .conftest import (
     PASSWORD,
@@ -246,6 +251,22 @@ def test_forks_within_the_interval_are_limited(lenient: TestClient, alice: Accou
     statuses = [refresh(lenient, first["refresh_token"]).status_code for _ in range(6)]
 
     assert statuses == [200] * 4 + [400] * 2  # five live tokens at most; the sixth use is taken as theft
+
+
+def test_a_duplicate_from_before_the_last_five_rotations_is_taken_as_theft(lenient: TestClient, alice: Account) -> None:
+    """Within the interval, a session remembers its five newest spent tokens: enough for a client's
+    concurrent refreshes, while a fast thief cannot make it keep every token it ever spent."""
+    pairs = [login(lenient, alice.email)]
+    for _ in range(6):  # six rotations in one second: the first token drops out of the newest five
+        pairs.append(refresh(lenient, pairs[-1]["refresh_token"]).json())
+
+    fork = refresh(lenient, pairs[1]["refresh_token"])  # the fifth newest spent token still gets its fork
+    assert fork.status_code == 200
+
+    assert_invalid_grant(refresh(lenient, pairs[0]["refresh_token"]))
+
+    assert_invalid_grant(refresh(lenient, pairs[-1]["refresh_token"]))  # the session is revoked
+    assert lenient.get("/userinfo", headers=bearer(fork.json()["access_token"])).status_code == 401
 
 
 def test_reuse_after_the_interval_revokes_the_family(lenient: TestClient, clock: Clock, alice: Account) -> None:
@@ -490,6 +511,46 @@ def test_rows_stay_bounded_over_5000_rotations(strict: TestClient, settings: Set
     counts = table_counts(settings.db_path)
     assert counts["sessions"] == 2
     assert counts["refresh_tokens"] <= 2 * 2  # per live session: the live token and the one it replaced
+
+
+def test_rows_stay_bounded_when_a_session_rotates_fast_within_the_interval(
+    lenient: TestClient, settings: Settings, alice: Account
+) -> None:
+    pair = login(lenient, alice.email)
+
+    for round_ in range(200):  # all in one second of the clock: every spent token is within the interval
+        response = refresh(lenient, pair["refresh_token"])
+        assert response.status_code == 200, (round_, response.text)
+        pair = response.json()
+
+    assert table_counts(settings.db_path)["refresh_tokens"] <= 1 + 5  # the live token, the newest five spent
+
+
+def test_sessions_survive_the_upgrade_from_schema_3(settings: Settings, clock: Clock) -> None:
+    """Schema 4 clusters refresh tokens by session; a session from before families (schema 2) ends."""
+    family, token, now = "F" * 22, "F" * 22 + ".secret", int(clock())
+    with contextlib.closing(sqlite3.connect(settings.db_path)) as conn, conn:
+        for statement in itertools.chain(*MIGRATIONS[:3]):
+            conn.execute(statement)
+        conn.execute("pragma user_version = 3")
+        password_hash = PasswordHasher(settings.argon2).hash(PASSWORD)
+        conn.execute("insert into users values ('u1', 'old@example.com', '', ?, 0, ?, ?)", [password_hash, now, now])
+        conn.execute("insert into sessions (id, user_id, created_at, family) values ('s1', 'u1', ?, ?)", [now, family])
+        conn.execute("insert into sessions (id, user_id, created_at) values ('s0', 'u1', ?)", [now])
+        for session_id, old_token in (("s1", token), ("s0", "from-before-families")):
+            hashed = hashlib.sha256(old_token.encode()).hexdigest()
+            conn.execute("insert into refresh_tokens values (?, ?, ?, ?, null)", [hashed, session_id, now, now + 60])
+
+    with TestClient(create_app(settings, clock=clock)) as client:
+        response = refresh(client, token)
+        assert_invalid_grant(refresh(client, "from-before-families"))
+
+        assert response.status_code == 200, response.text
+        assert sid_of(response.json()) == "s1"
+        assert refresh(client, response.json()["refresh_token"]).status_code == 200
+    with contextlib.closing(sqlite3.connect(settings.db_path)) as conn:
+        assert conn.execute("select id from sessions").fetchall() == [("s1",)]
+        assert conn.execute("pragma user_version").fetchone()[0] == len(MIGRATIONS)
 
 
 def test_expired_tokens_and_ended_sessions_are_deleted(env: dict[str, str], clock: Clock, alice: Account) -> None:
