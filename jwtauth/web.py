@@ -117,12 +117,14 @@ class Observer(Protocol):
 
 class Envelope:
     """The outermost layer of every request. It gives the request an id (`request.state.request_id`, the
-    `X-Request-ID` header, every log line); answers an unexpected exception with a JSON 500 naming it,
-    logged once with its traceback, so the client sees no trace; and reports the request, its status
-    and its time to the observer in the app's state (`metrics`). One layer, since each costs time."""
+    `X-Request-ID` header, every log line); refuses a body over `max_body_bytes` with 413, whether announced
+    by Content-Length or sent chunked; answers an unexpected exception with a JSON 500 naming the id,
+    logged once with its traceback, so the client sees no trace; and reports the request, its status and
+    its time to the observer in the app's state (`metrics`). One layer, since each costs time."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, max_body_bytes: int = MAX_BODY_BYTES) -> None:
         self.app = app
+        self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -134,6 +136,7 @@ class Envelope:
         state["request_id"] = request_id
         REQUEST_ID.set(request_id)  # for every log line of this request, in threads too (anyio copies context)
         status = 0
+        received = 0
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
@@ -142,8 +145,19 @@ class Envelope:
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
             await send(message)
 
+        async def receive_limited() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_body_bytes:
+                raise BodyTooLargeError("request body too large")  # rendered by the app's AuthError handler
+            return message
+
         try:
-            await self.app(scope, receive, send_with_id)
+            if self._announces_too_much(scope):
+                await _error_response(BodyTooLargeError("request body too large"))(scope, receive, send_with_id)
+            else:
+                await self.app(scope, receive_limited, send_with_id)
         except Exception as exc:
             log.error("unhandled error, request_id=%s", request_id, exc_info=exc)
             if not status:  # else too late for a 500: the server closes the connection
@@ -154,33 +168,11 @@ class Envelope:
             if observer is not None:
                 observer.observe(scope["path"], scope["method"], status or 500, time.perf_counter() - started)
 
-
-class BodyLimit:
-    """Refuse request bodies over a limit with 413, whether announced by Content-Length or sent chunked."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    def _announces_too_much(self, scope: Scope) -> bool:
         for name, value in scope["headers"]:
-            if name == b"content-length" and (not value.isdigit() or int(value) > self.max_bytes):
-                await _error_response(BodyTooLargeError("request body too large"))(scope, receive, send)
-                return
-        received = 0
-
-        async def receive_limited() -> Message:
-            nonlocal received
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.max_bytes:
-                raise BodyTooLargeError("request body too large")
-            return message
-
-        await self.app(scope, receive_limited, send)
+            if name == b"content-length" and (not value.isdigit() or int(value) > self.max_body_bytes):
+                return True
+        return False
 
 
 # Responses and error rendering
