@@ -9,6 +9,7 @@ import contextlib
 import os
 import sqlite3
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -87,6 +88,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
 # tokens of the last few rotations, remembered for that interval, so that a late duplicate gets its fork.
 MAX_LIVE_REFRESH_TOKENS = 5
 MAX_SPENT_REFRESH_TOKENS = 5
+WRITE_RETRY_FIRST, WRITE_RETRY_MAX = 0.0001, 0.002  # seconds between tries for the write lock
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,40 +138,61 @@ class Store:
     def _db(self) -> Database:
         db: Database | None = getattr(self._local, "db", None)
         if db is None:
-            conn = sqlite3.connect(self.path, timeout=self.busy_timeout)
+            # No busy timeout in SQLite: _begin_write waits for the write lock itself. Reads do not wait
+            # in WAL mode, which lets them run while another connection writes.
+            conn = sqlite3.connect(self.path, timeout=0)
             db = Database(conn, recursive_triggers=False, execute_plugins=False)
             db.execute("pragma foreign_keys = on")
             db.execute("pragma synchronous = normal")  # durable in WAL mode, fsyncs only at checkpoints
             self._local.db = db
-            self._local.waits = True  # a new connection waits for the busy timeout
         return db
 
     @contextmanager
     def _write(self, wait: bool = True) -> Iterator[sqlite3.Connection]:
         """One write transaction that takes the database's write lock at once (BEGIN IMMEDIATE).
 
-        Taking the lock up front means concurrent writers, in this or another process, queue on the
-        busy timeout instead of failing on a lock upgrade half way through. Without `wait`, a lock held
-        by another writer raises WouldBlockError at once: for callers on the event loop, which must not sleep.
+        Taking the lock up front means concurrent writers, in this or another process, wait for it
+        instead of failing on a lock upgrade half way through. Without `wait`, a lock held by another
+        writer raises WouldBlockError at once: for callers on the event loop, which must not sleep.
         Statements go straight to the sqlite3 connection: the transaction is ours, so sqlite-utils' own
         transaction handling around each statement would only cost time on the busiest path.
         """
         conn = self._db.conn
-        if getattr(self._local, "waits", True) != wait:  # each thread keeps the setting it last used
-            conn.execute(f"pragma busy_timeout = {int(self.busy_timeout * 1000) if wait else 0}")
-            self._local.waits = wait
-        try:
-            conn.execute("begin immediate")
-        except sqlite3.OperationalError as exc:
-            if not wait:
-                raise WouldBlockError from exc
-            raise TemporarilyUnavailableError("the database is busy; try again") from exc
+        self._begin_write(conn, wait)
         try:
             yield conn
             conn.commit()
         except BaseException:
             conn.rollback()  # also when the commit failed: never keep the write lock
             raise
+
+    def _begin_write(self, conn: sqlite3.Connection, wait: bool) -> None:
+        """BEGIN IMMEDIATE, tried again while another writer holds the lock, for up to the busy timeout.
+
+        SQLite's own busy handler sleeps 1, 2, 5, 10, … 100 ms between tries, so that a writer waiting
+        behind transactions of a tenth of a millisecond (another worker's refreshes) sleeps for far longer
+        than the lock is held. This one tries again after 0.1 ms, doubling up to 2 ms.
+
+        Raises:
+            WouldBlockError: without `wait`, the lock is taken.
+            TemporarilyUnavailableError: the lock stayed taken for the whole busy timeout.
+        """
+        deadline, delay = 0.0, WRITE_RETRY_FIRST
+        while True:
+            try:
+                conn.execute("begin immediate")
+                return
+            except sqlite3.OperationalError as exc:
+                if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY:
+                    raise
+                if not wait:
+                    raise WouldBlockError from exc
+                now = time.monotonic()
+                deadline = deadline or now + self.busy_timeout
+                if now >= deadline:
+                    raise TemporarilyUnavailableError("the database is busy; try again") from exc
+            time.sleep(min(delay, deadline - now))
+            delay = min(delay * 2, WRITE_RETRY_MAX)
 
     def migrate(self) -> None:
         """Create the database file if needed, switch it to WAL and apply the migrations it lacks.
@@ -179,7 +202,10 @@ class Store:
         """
         try:
             db = self._db
+            # Switching to WAL needs the file to itself: wait for others starting at the same moment.
+            db.execute(f"pragma busy_timeout = {int(self.busy_timeout * 1000)}")
             db.execute("pragma journal_mode = wal")
+            db.execute("pragma busy_timeout = 0")
             with self._write():
                 version = int(db.execute("pragma user_version").fetchone()[0])
                 if version > len(MIGRATIONS):
@@ -232,7 +258,6 @@ class Store:
         if db is not None:
             db.close()
             self._local.db = None
-            self._local.waits = True
 
     # Users
 

@@ -8,6 +8,8 @@ import re
 import sqlite3
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -187,6 +189,27 @@ def test_no_secret_reaches_the_log(settings: Settings, caplog: pytest.LogCapture
 
     assert caplog.records  # something was logged at all
     assert not [secret for secret in secrets + pem_lines if secret in caplog.text]
+
+
+def test_a_write_waiting_for_another_writer_goes_on_when_the_lock_frees(env: dict[str, str]) -> None:
+    settings = Settings.from_env(env)  # the default busy timeout, 10 s
+    add_user(settings, "alice@example.com")
+    with TestClient(create_app(settings)) as client:
+        pair = client.post("/login", json={"email": "alice@example.com", "password": PASSWORD}).json()
+        other_writer = sqlite3.connect(settings.db_path, check_same_thread=False)
+        other_writer.execute("begin immediate")
+        release = threading.Timer(0.3, other_writer.rollback)
+        release.start()
+        try:
+            started = time.monotonic()
+            response = client.post("/refresh", json={"refresh_token": pair["refresh_token"]})
+            waited = time.monotonic() - started
+        finally:
+            release.join()
+            other_writer.close()
+
+    assert response.status_code == 200, response.text
+    assert 0.3 <= waited < 2  # it waited for the lock, and went on soon after it was released
 
 
 def test_a_database_locked_past_the_busy_timeout_gets_503(env: dict[str, str]) -> None:
