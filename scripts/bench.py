@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -94,10 +95,11 @@ def plan_for(workers: int, seconds: int) -> Plan:
 # Measuring one load, with how busy the rest of the machine was meanwhile
 
 
-def measure(server: Server, load: Load, warmup: Load | None = None) -> dict[str, Any]:
-    """A 1 s warm-up (the same load unless another is given), then the measured run."""
+def measure(server: Server, load: Load, warmup: Load | None = None, warm: bool = True) -> dict[str, Any]:
+    """A 1 s warm-up if `warm` (the same load unless another is given), then the measured run."""
     log(f"{load.url.partition('//')[2].partition('/')[2] or '/'}: {load.seconds} s, {load.connections} connections")
-    bench_wrk.run(warmup or dataclasses.replace(load, seconds=1))
+    if warm:
+        bench_wrk.run(warmup or dataclasses.replace(load, seconds=1))
     server.wait_idle()
     cpus = sorted(set(parse_cpus(server.cpus)) | set(parse_cpus(load.cpus)))  # wrk's core counts too
 
@@ -122,29 +124,52 @@ LIMITS = {  # name in the results: (bench_limits kind, Argon2 parameters)
     "argon2_default": ("argon2-verify", DEFAULT_ARGON2),
     "argon2_cheap": ("argon2-verify", CHEAP_ARGON2),
 }
+ROUND_LIMITS = ("rs256_sign", "rs256_verify", "argon2_cheap")  # measured again in every round
+# The cheap endpoints, their baselines and limits are measured in turn, in rounds, so that a slow spell of
+# the machine (these cores are virtual and shared) falls on both sides of a ratio rather than on one.
+ROUNDS = 3
 
 
-def measure_limits(plan: Plan) -> dict[str, Any]:
-    """Each limit on the server's cores, and the other load the machine had meanwhile."""
+def measure_limits(plan: Plan, names: Sequence[str], seconds: float) -> dict[str, Any]:
+    """Each named limit on the server's cores, and the other load the machine had meanwhile."""
     limits: dict[str, Any] = {"other_load_cores": {}}
-    log(f"limits on CPU {plan.server_cpus}: {plan.limit_seconds} s each")
-    for name, (kind, argon2_parameters) in LIMITS.items():
+    for name in names:
+        kind, argon2_parameters = LIMITS[name]
         noise: dict[str, Any] = {}
         with other_load(plan.limit_cpus, lambda: bench_seconds(with_children=True), noise):
-            limits[name] = measure_limit(kind, plan.limit_cpus, plan.limit_seconds, argon2_parameters)
+            limits[name] = measure_limit(kind, plan.limit_cpus, seconds, argon2_parameters)
         limits["other_load_cores"][name] = noise["other_load_cores"]
     return limits
 
 
-def bare_phase(plan: Plan, installation: Installation) -> dict[str, dict[str, Any]]:
-    """GET and POST on the bare Starlette app, served the way jwtauth is."""
-    url, env = installation.base_url, installation.env(CHEAP_ARGON2)
-    log_path = installation.directory / f"bare-{plan.workers}.log"
-    body = '{"refresh_token":"' + "r" * 43 + '"}'
-    with serving(bare_serve(plan.workers, installation.port), env, plan.server_cpus, url, log_path) as server:
-        get = Load(f"{url}/get", "get.lua", (), plan.seconds, plan.connections, cpus=plan.wrk_cpus)
-        post = Load(f"{url}/post", "post_json.lua", (body,), plan.seconds, plan.connections, cpus=plan.wrk_cpus)
-        return {"bare_get": measure(server, get), "bare_post": measure(server, post)}
+def combine_runs(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One load's rounds as one result: counts added up, the rate over their summed time, the median p50,
+    and the worst p99, maximum and other load; `rounds` keeps each round's rate."""
+    requests, seconds = sum(run["requests"] for run in runs), sum(run["seconds"] for run in runs)
+    return {
+        **runs[0],
+        "requests": requests,
+        "seconds": round(seconds, 3),
+        "requests_per_s": requests / seconds if seconds else 0.0,
+        "p50_ms": statistics.median(run["p50_ms"] for run in runs),
+        "p99_ms": max(run["p99_ms"] for run in runs),
+        "max_ms": max(run["max_ms"] for run in runs),
+        "non2xx": sum(run["non2xx"] for run in runs),
+        "first_non2xx_status": next((run["first_non2xx_status"] for run in runs if run["non2xx"]), 0),
+        "socket_errors": sum(run["socket_errors"] for run in runs),
+        "other_load_cores": max(run["other_load_cores"] for run in runs),
+        "wrk_cpu_cores": round(statistics.mean(run["wrk_cpu_cores"] for run in runs), 3),
+        "rounds": [round(run["requests_per_s"], 1) for run in runs],
+    }
+
+
+def combine_limits(rounds: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The rounds' limits: each the mean of its rounds, with the worst other load; `rounds` keeps each."""
+    names = [name for name in rounds[0] if name != "other_load_cores"]
+    combined: dict[str, Any] = {name: statistics.mean(limits[name] for limits in rounds) for name in names}
+    combined["other_load_cores"] = {name: max(limits["other_load_cores"][name] for limits in rounds) for name in names}
+    combined["rounds"] = {name: [round(limits[name], 1) for limits in rounds] for name in names}
+    return combined
 
 
 def login_load(plan: Plan, url: str, emails_file: Path, seconds: int) -> Load:
@@ -159,25 +184,54 @@ def refresh_pool(server: Server, emails: Sequence[str], count: int, path: Path) 
     return path
 
 
-def cheap_phase(plan: Plan, installation: Installation, emails: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """Login at cheap Argon2, then refresh, JWKS and userinfo, which do not depend on Argon2."""
+def cheap_phase(plan: Plan, installation: Installation, emails: Sequence[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The bare Starlette app and jwtauth (cheap Argon2) served side by side on the same cores; in each of
+    ROUNDS rounds, one after another: the limits other than default Argon2, bare GET and POST, then login
+    at cheap Argon2, refresh, JWKS and userinfo. Returns (limits with the baselines, endpoints)."""
     url, directory = installation.base_url, installation.directory
-    log_path = directory / f"cheap-{plan.workers}.log"
-    with serving(jwtauth_serve(plan.workers, installation.port), installation.env(CHEAP_ARGON2),
-                 plan.server_cpus, url, log_path) as server:  # fmt: skip
-        results = {"login_cheap": measure(server, login_load(plan, url, directory / "cheap.emails", plan.seconds))}
+    bare_port = free_port()
+    bare_url = f"http://127.0.0.1:{bare_port}"
+    seconds = max(2, round(plan.seconds / ROUNDS))
+    body = '{"refresh_token":"' + "r" * 43 + '"}'
+    runs: dict[str, list[dict[str, Any]]] = {}
+    round_limits: list[dict[str, Any]] = []
+    env = installation.env(CHEAP_ARGON2)
+    with (
+        serving(bare_serve(plan.workers, bare_port), env, plan.server_cpus, bare_url,
+                directory / f"bare-{plan.workers}.log") as bare,
+        serving(jwtauth_serve(plan.workers, installation.port), env, plan.server_cpus, url,
+                directory / f"cheap-{plan.workers}.log") as server,
+    ):  # fmt: skip
         pool_size = 3 * plan.connections  # each connection has a token out; the queue never runs dry
-        warm = refresh_pool(server, emails, pool_size, directory / "refresh-warmup.tokens")
-        pool = refresh_pool(server, emails, pool_size, directory / "refresh.tokens")
-        refresh = Load(f"{url}/refresh", "refresh.lua", (str(pool), "1"), plan.seconds, plan.connections,  # 1 thread
-                       cpus=plan.wrk_cpus)  # fmt: skip
-        warmup = Load(refresh.url, refresh.script, (str(warm), "1"), 1, refresh.connections, cpus=plan.wrk_cpus)
-        results["refresh"] = measure(server, refresh, warmup)
         access_token = str(login_many(url, emails, 1)[0]["access_token"])
-        for name, path, args in (("jwks", "/.well-known/jwks.json", ()), ("userinfo", "/userinfo", (access_token,))):
-            load = Load(f"{url}{path}", "get.lua", args, plan.seconds, plan.connections, cpus=plan.wrk_cpus)
-            results[name] = measure(server, load)
-        return results
+        for number in range(1, ROUNDS + 1):
+            log(f"round {number} of {ROUNDS}: limits on CPU {plan.server_cpus}, {plan.limit_seconds} s each")
+            round_limits.append(measure_limits(plan, ROUND_LIMITS, plan.limit_seconds))
+            warm = number == 1  # a server's first requests are slower: a 1 s warm-up in the first round
+            get = Load(f"{bare_url}/get", "get.lua", (), seconds, plan.connections, cpus=plan.wrk_cpus)
+            post = Load(f"{bare_url}/post", "post_json.lua", (body,), seconds, plan.connections, cpus=plan.wrk_cpus)
+            runs.setdefault("bare_get", []).append(measure(bare, get, warm=warm))
+            runs.setdefault("bare_post", []).append(measure(bare, post, warm=warm))
+            login = login_load(plan, url, directory / "cheap.emails", seconds)
+            runs.setdefault("login_cheap", []).append(measure(server, login, warm=warm))
+            pool = refresh_pool(server, emails, pool_size, directory / f"refresh-{number}.tokens")
+            refresh = Load(f"{url}/refresh", "refresh.lua", (str(pool), "1"), seconds, plan.connections,  # 1 thread
+                           cpus=plan.wrk_cpus)  # fmt: skip
+            warmup = None
+            if warm:
+                warm_pool = refresh_pool(server, emails, pool_size, directory / "refresh-warmup.tokens")
+                warmup = dataclasses.replace(refresh, args=(str(warm_pool), "1"), seconds=1)
+            runs.setdefault("refresh", []).append(measure(server, refresh, warmup, warm=warm))
+            for name, path, args in (
+                ("jwks", "/.well-known/jwks.json", ()),
+                ("userinfo", "/userinfo", (access_token,)),
+            ):
+                load = Load(f"{url}{path}", "get.lua", args, seconds, plan.connections, cpus=plan.wrk_cpus)
+                runs.setdefault(name, []).append(measure(server, load, warm=warm))
+    endpoints = {name: combine_runs(results) for name, results in runs.items()}
+    limits = combine_limits(round_limits)
+    limits["bare_get"], limits["bare_post"] = endpoints.pop("bare_get"), endpoints.pop("bare_post")
+    return limits, endpoints
 
 
 def loaded_phase(plan: Plan, server: Server, emails_file: Path, access_token: str) -> dict[str, Any]:
@@ -220,8 +274,11 @@ def default_phase(plan: Plan, installation: Installation, emails: Sequence[str])
 
 def run_workers(plan: Plan, installation: Installation, accounts: dict[str, list[str]]) -> dict[str, Any]:
     """Everything measured for one worker count."""
-    limits: dict[str, Any] = {**measure_limits(plan), **bare_phase(plan, installation)}
-    endpoints = cheap_phase(plan, installation, accounts["cheap"])
+    log(f"limit at default Argon2 on CPU {plan.server_cpus}: {plan.limit_seconds} s")
+    default_limit = measure_limits(plan, ["argon2_default"], plan.limit_seconds)
+    limits, endpoints = cheap_phase(plan, installation, accounts["cheap"])
+    limits["argon2_default"] = default_limit["argon2_default"]
+    limits["other_load_cores"]["argon2_default"] = default_limit["other_load_cores"]["argon2_default"]
     default = default_phase(plan, installation, accounts["default"])
     endpoints["login_default"] = default["login_default"]
     cpus = {"server": plan.server_cpus, "wrk": plan.wrk_cpus, "shared": plan.shared}
@@ -274,7 +331,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     bench_wrk.check_wrk()
     started = datetime.now(UTC).isoformat(timespec="seconds")
     results: dict[str, Any] = {"started_at": started, "machine": bench_report.machine(), "runs": {}}
-    results["settings"] = {"seconds": args.seconds, "users": args.users, "workers": args.workers}
+    results["settings"] = {"seconds": args.seconds, "users": args.users, "workers": args.workers, "rounds": ROUNDS}
     with tempfile.TemporaryDirectory(prefix="jwtauth-bench-") as directory:
         installation = Installation(Path(directory), free_port())
         log(f"creating {2 * args.users} accounts with `jwtauth users add` in {directory}")

@@ -124,8 +124,13 @@ def limit_lines(limits: Results) -> list[str]:
         "argon2_default": "Argon2 verify, default (t=3, 64 MiB, p=4)",
         "argon2_cheap": "Argon2 verify, cheap (t=1, 8 MiB, p=1)",
     }
-    lines = ["| limit, on the server's cores | per s | other load (cores) |", "|---|--:|--:|"]
-    lines += [f"| {label} | {limits[name]:,.1f} | {noise[name]:.2f} |" for name, label in names.items()]
+    rounds = limits.get("rounds", {})
+    lines = ["| limit, on the server's cores | per s | each round | other load (cores) |", "|---|--:|--:|--:|"]
+    lines += [
+        f"| {label} | {limits[name]:,.1f} | {' / '.join(f'{value:,.0f}' for value in rounds.get(name, []))}"
+        f" | {noise[name]:.2f} |"
+        for name, label in names.items()
+    ]
     return lines
 
 
@@ -172,8 +177,10 @@ def markdown(results: Results) -> str:
     info = results["machine"]
     lines = [
         f"Measured on {info['nproc']} CPUs ({info['cpu_model']}), Python {info['python']}, Linux {info['kernel']};"
-        f" load average {info['load_average']} at the start; {results['settings']['seconds']} s per run"
-        f" after a 1 s warm-up; {results['settings']['users']} accounts per Argon2 setting.",
+        f" load average {info['load_average']} at the start; {results['settings']['seconds']} s per load:"
+        f" login at default Argon2 in one run, the other loads, their baselines and limits in"
+        f" {results['settings'].get('rounds', 1)} rounds taken in turn (a 1 s warm-up before each load's first);"
+        f" {results['settings']['users']} accounts per Argon2 setting.",
         "",
     ]
     for workers, run in results["runs"].items():
