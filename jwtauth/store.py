@@ -138,14 +138,21 @@ class Store:
     def _db(self) -> Database:
         db: Database | None = getattr(self._local, "db", None)
         if db is None:
-            # No busy timeout in SQLite: _begin_write waits for the write lock itself. Reads do not wait
-            # in WAL mode, which lets them run while another connection writes.
-            conn = sqlite3.connect(self.path, timeout=0)
+            # Reads wait for the busy timeout too: in WAL mode they wait only in rare moments, such as
+            # another process checkpointing the database as it closes it.
+            conn = sqlite3.connect(self.path, timeout=self.busy_timeout)
             db = Database(conn, recursive_triggers=False, execute_plugins=False)
             db.execute("pragma foreign_keys = on")
             db.execute("pragma synchronous = normal")  # durable in WAL mode, fsyncs only at checkpoints
             self._local.db = db
+            self._local.waits = True
         return db
+
+    def _set_waits(self, conn: sqlite3.Connection, waits: bool) -> None:
+        """Let SQLite wait for locks for the busy timeout, or not at all; a pragma only on a change."""
+        if self._local.waits != waits:
+            conn.execute(f"pragma busy_timeout = {int(self.busy_timeout * 1000) if waits else 0}")
+            self._local.waits = waits
 
     @contextmanager
     def _write(self, wait: bool = True) -> Iterator[sqlite3.Connection]:
@@ -153,18 +160,24 @@ class Store:
 
         Taking the lock up front means concurrent writers, in this or another process, wait for it
         instead of failing on a lock upgrade half way through. Without `wait`, a lock held by another
-        writer raises WouldBlockError at once: for callers on the event loop, which must not sleep.
-        Statements go straight to the sqlite3 connection: the transaction is ours, so sqlite-utils' own
-        transaction handling around each statement would only cost time on the busiest path.
+        writer raises WouldBlockError at once: for callers on the event loop, which must not sleep, and
+        whose thread's connection then never waits (so its reads do not either). Statements go straight
+        to the sqlite3 connection: the transaction is ours, so sqlite-utils' own transaction handling
+        around each statement would only cost time on the busiest path.
         """
         conn = self._db.conn
-        self._begin_write(conn, wait)
+        self._set_waits(conn, False)  # _begin_write waits for the write lock itself
         try:
-            yield conn
-            conn.commit()
-        except BaseException:
-            conn.rollback()  # also when the commit failed: never keep the write lock
-            raise
+            self._begin_write(conn, wait)
+            try:
+                yield conn
+                conn.commit()
+            except BaseException:
+                conn.rollback()  # also when the commit failed: never keep the write lock
+                raise
+        finally:
+            if wait:
+                self._set_waits(conn, True)
 
     def _begin_write(self, conn: sqlite3.Connection, wait: bool) -> None:
         """BEGIN IMMEDIATE, tried again while another writer holds the lock, for up to the busy timeout.
@@ -183,7 +196,7 @@ class Store:
                 conn.execute("begin immediate")
                 return
             except sqlite3.OperationalError as exc:
-                if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY:
+                if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY:  # SQLITE_BUSY and its extended codes
                     raise
                 if not wait:
                     raise WouldBlockError from exc
@@ -202,10 +215,7 @@ class Store:
         """
         try:
             db = self._db
-            # Switching to WAL needs the file to itself: wait for others starting at the same moment.
-            db.execute(f"pragma busy_timeout = {int(self.busy_timeout * 1000)}")
             db.execute("pragma journal_mode = wal")
-            db.execute("pragma busy_timeout = 0")
             with self._write():
                 version = int(db.execute("pragma user_version").fetchone()[0])
                 if version > len(MIGRATIONS):
@@ -258,6 +268,7 @@ class Store:
         if db is not None:
             db.close()
             self._local.db = None
+            self._local.waits = True
 
     # Users
 

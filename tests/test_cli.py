@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import fcntl
 import os
 import select
@@ -45,6 +46,18 @@ def test_users_add_then_login(env: dict[str, str]) -> None:
     assert result.returncode == 0, result.stderr
     assert "carol@example.com" in result.stdout
     assert can_log_in(env, "carol@example.com", PASSWORD)
+
+
+def test_users_added_by_many_commands_at_once_all_arrive(env: dict[str, str]) -> None:
+    """Processes that open, write and close the database at the same moment wait for each other."""
+    emails = [f"user{number}@example.com" for number in range(8)]
+    with concurrent.futures.ThreadPoolExecutor(len(emails)) as pool:
+        done = list(pool.map(lambda email: run_cli("users", "add", email, "--password-stdin", env=env,
+                                                    stdin=PASSWORD), emails))  # fmt: skip
+
+    assert [result.returncode for result in done] == [0] * len(emails), [result.stderr for result in done]
+    listed = run_cli("users", "list", env=env).stdout
+    assert sorted(line.split("\t")[0] for line in listed.splitlines()) == emails
 
 
 def test_users_list_shows_every_user_and_state(env: dict[str, str]) -> None:
