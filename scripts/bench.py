@@ -127,7 +127,7 @@ LIMITS = {  # name in the results: (bench_limits kind, Argon2 parameters)
 ROUND_LIMITS = ("rs256_sign", "rs256_verify", "argon2_cheap")  # measured again in every round
 # The cheap endpoints, their baselines and limits are measured in turn, in rounds, so that a slow spell of
 # the machine (these cores are virtual and shared) falls on both sides of a ratio rather than on one.
-ROUNDS = 3
+ROUNDS = 5
 
 
 def measure_limits(plan: Plan, names: Sequence[str], seconds: float) -> dict[str, Any]:
@@ -143,14 +143,14 @@ def measure_limits(plan: Plan, names: Sequence[str], seconds: float) -> dict[str
 
 
 def combine_runs(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """One load's rounds as one result: counts added up, the rate over their summed time, the median p50,
-    and the worst p99, maximum and other load; `rounds` keeps each round's rate."""
+    """One load's rounds as one result: the median rate and p50 (a round that met a slow spell does not
+    move them), the worst p99, maximum and other load, counts added up; `rounds` keeps each round's rate."""
     requests, seconds = sum(run["requests"] for run in runs), sum(run["seconds"] for run in runs)
     return {
         **runs[0],
         "requests": requests,
         "seconds": round(seconds, 3),
-        "requests_per_s": requests / seconds if seconds else 0.0,
+        "requests_per_s": statistics.median(run["requests_per_s"] for run in runs),
         "p50_ms": statistics.median(run["p50_ms"] for run in runs),
         "p99_ms": max(run["p99_ms"] for run in runs),
         "max_ms": max(run["max_ms"] for run in runs),
@@ -164,9 +164,9 @@ def combine_runs(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 def combine_limits(rounds: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """The rounds' limits: each the mean of its rounds, with the worst other load; `rounds` keeps each."""
+    """The rounds' limits: each the median of its rounds, with the worst other load; `rounds` keeps each."""
     names = [name for name in rounds[0] if name != "other_load_cores"]
-    combined: dict[str, Any] = {name: statistics.mean(limits[name] for limits in rounds) for name in names}
+    combined: dict[str, Any] = {name: statistics.median(limits[name] for limits in rounds) for name in names}
     combined["other_load_cores"] = {name: max(limits["other_load_cores"][name] for limits in rounds) for name in names}
     combined["rounds"] = {name: [round(limits[name], 1) for limits in rounds] for name in names}
     return combined
@@ -186,12 +186,13 @@ def refresh_pool(server: Server, emails: Sequence[str], count: int, path: Path) 
 
 def cheap_phase(plan: Plan, installation: Installation, emails: Sequence[str]) -> tuple[dict[str, Any], dict[str, Any]]:
     """The bare Starlette app and jwtauth (cheap Argon2) served side by side on the same cores; in each of
-    ROUNDS rounds, one after another: the limits other than default Argon2, bare GET and POST, then login
-    at cheap Argon2, refresh, JWKS and userinfo. Returns (limits with the baselines, endpoints)."""
+    ROUNDS rounds, one after another: the limits other than default Argon2, bare POST, refresh, login at
+    cheap Argon2, bare GET, JWKS and userinfo. Returns (limits with the baselines, endpoints)."""
     url, directory = installation.base_url, installation.directory
     bare_port = free_port()
     bare_url = f"http://127.0.0.1:{bare_port}"
     seconds = max(2, round(plan.seconds / ROUNDS))
+    limit_seconds = max(1.0, plan.limit_seconds / 2)  # tight loops: their rate settles within a second
     body = '{"refresh_token":"' + "r" * 43 + '"}'
     runs: dict[str, list[dict[str, Any]]] = {}
     round_limits: list[dict[str, Any]] = []
@@ -205,15 +206,12 @@ def cheap_phase(plan: Plan, installation: Installation, emails: Sequence[str]) -
         pool_size = 3 * plan.connections  # each connection has a token out; the queue never runs dry
         access_token = str(login_many(url, emails, 1)[0]["access_token"])
         for number in range(1, ROUNDS + 1):
-            log(f"round {number} of {ROUNDS}: limits on CPU {plan.server_cpus}, {plan.limit_seconds} s each")
-            round_limits.append(measure_limits(plan, ROUND_LIMITS, plan.limit_seconds))
+            log(f"round {number} of {ROUNDS}: limits on CPU {plan.server_cpus}, {limit_seconds} s each")
+            round_limits.append(measure_limits(plan, ROUND_LIMITS, limit_seconds))
             warm = number == 1  # a server's first requests are slower: a 1 s warm-up in the first round
-            get = Load(f"{bare_url}/get", "get.lua", (), seconds, plan.connections, cpus=plan.wrk_cpus)
+            # Each endpoint right after the baseline it is compared with, so that both meet the same machine.
             post = Load(f"{bare_url}/post", "post_json.lua", (body,), seconds, plan.connections, cpus=plan.wrk_cpus)
-            runs.setdefault("bare_get", []).append(measure(bare, get, warm=warm))
             runs.setdefault("bare_post", []).append(measure(bare, post, warm=warm))
-            login = login_load(plan, url, directory / "cheap.emails", seconds)
-            runs.setdefault("login_cheap", []).append(measure(server, login, warm=warm))
             pool = refresh_pool(server, emails, pool_size, directory / f"refresh-{number}.tokens")
             refresh = Load(f"{url}/refresh", "refresh.lua", (str(pool), "1"), seconds, plan.connections,  # 1 thread
                            cpus=plan.wrk_cpus)  # fmt: skip
@@ -222,6 +220,10 @@ def cheap_phase(plan: Plan, installation: Installation, emails: Sequence[str]) -
                 warm_pool = refresh_pool(server, emails, pool_size, directory / "refresh-warmup.tokens")
                 warmup = dataclasses.replace(refresh, args=(str(warm_pool), "1"), seconds=1)
             runs.setdefault("refresh", []).append(measure(server, refresh, warmup, warm=warm))
+            login = login_load(plan, url, directory / "cheap.emails", seconds)
+            runs.setdefault("login_cheap", []).append(measure(server, login, warm=warm))
+            get = Load(f"{bare_url}/get", "get.lua", (), seconds, plan.connections, cpus=plan.wrk_cpus)
+            runs.setdefault("bare_get", []).append(measure(bare, get, warm=warm))
             for name, path, args in (
                 ("jwks", "/.well-known/jwks.json", ()),
                 ("userinfo", "/userinfo", (access_token,)),
@@ -266,21 +268,25 @@ def default_phase(plan: Plan, installation: Installation, emails: Sequence[str])
         idle = rss_bytes(server.pids)
         access_token = str(login_many(url, emails, 1)[0]["access_token"])
         with RssSampler(server.process.pid).running() as sampler:
+            # Its limit right before and right after it: Argon2 at 64 MiB is the most sensitive to a
+            # slow spell of the machine, and a run of it takes long enough to meet one.
+            log(f"limit at default Argon2 on CPU {plan.server_cpus}: {plan.limit_seconds} s, before and after")
+            limits = [measure_limits(plan, ["argon2_default"], plan.limit_seconds)]
             login = measure(server, login_load(plan, url, directory / "default.emails", plan.seconds))
+            limits.append(measure_limits(plan, ["argon2_default"], plan.limit_seconds))
             loaded = loaded_phase(plan, server, directory / "default.emails", access_token)
         memory = {"idle_mib": idle / MIB, "peak_mib": sampler.peak / MIB}
-        return {"login_default": login, "loaded": loaded, "memory": memory}
+        return {"login_default": login, "loaded": loaded, "memory": memory, "limits": combine_limits(limits)}
 
 
 def run_workers(plan: Plan, installation: Installation, accounts: dict[str, list[str]]) -> dict[str, Any]:
     """Everything measured for one worker count."""
-    log(f"limit at default Argon2 on CPU {plan.server_cpus}: {plan.limit_seconds} s")
-    default_limit = measure_limits(plan, ["argon2_default"], plan.limit_seconds)
     limits, endpoints = cheap_phase(plan, installation, accounts["cheap"])
-    limits["argon2_default"] = default_limit["argon2_default"]
-    limits["other_load_cores"]["argon2_default"] = default_limit["other_load_cores"]["argon2_default"]
     default = default_phase(plan, installation, accounts["default"])
     endpoints["login_default"] = default["login_default"]
+    for key in ("other_load_cores", "rounds"):
+        limits[key]["argon2_default"] = default["limits"][key]["argon2_default"]
+    limits["argon2_default"] = default["limits"]["argon2_default"]
     cpus = {"server": plan.server_cpus, "wrk": plan.wrk_cpus, "shared": plan.shared}
     return {"cpus": cpus, "limits": limits, "endpoints": endpoints, "loaded": default["loaded"],
             "memory": default["memory"]}  # fmt: skip

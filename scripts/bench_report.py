@@ -178,8 +178,9 @@ def markdown(results: Results) -> str:
     lines = [
         f"Measured on {info['nproc']} CPUs ({info['cpu_model']}), Python {info['python']}, Linux {info['kernel']};"
         f" load average {info['load_average']} at the start; {results['settings']['seconds']} s per load:"
-        f" login at default Argon2 in one run, the other loads, their baselines and limits in"
-        f" {results['settings'].get('rounds', 1)} rounds taken in turn (a 1 s warm-up before each load's first);"
+        f" login at default Argon2 in one run between two measurements of its Argon2 limit, the other loads,"
+        f" their baselines and limits in {results['settings'].get('rounds', 1)} rounds taken in turn, each figure"
+        " the median of its rounds (a 1 s warm-up before each load's first);"
         f" {results['settings']['users']} accounts per Argon2 setting.",
         "",
     ]
