@@ -127,11 +127,14 @@ def limit_lines(limits: Results) -> list[str]:
     rounds = limits.get("rounds", {})
     lines = ["| limit, on the server's cores | per s | each round | other load (cores) |", "|---|--:|--:|--:|"]
     lines += [
-        f"| {label} | {limits[name]:,.1f} | {' / '.join(f'{value:,.0f}' for value in rounds.get(name, []))}"
-        f" | {noise[name]:.2f} |"
+        f"| {label} | {limits[name]:,.1f} | {' / '.join(map(_figure, rounds.get(name, [])))} | {noise[name]:.2f} |"
         for name, label in names.items()
     ]
     return lines
+
+
+def _figure(value: float) -> str:
+    return f"{value:,.0f}" if value >= 100 else f"{value:.1f}"
 
 
 def loaded_lines(loaded: Results) -> list[str]:
