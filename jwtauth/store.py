@@ -11,7 +11,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,7 +88,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
 # tokens of the last few rotations, remembered for that interval, so that a late duplicate gets its fork.
 MAX_LIVE_REFRESH_TOKENS = 5
 MAX_SPENT_REFRESH_TOKENS = 5
-WRITE_RETRY_FIRST, WRITE_RETRY_MAX = 0.0001, 0.002  # seconds between tries for the write lock
+WRITE_RETRY_FIRST_SECONDS, WRITE_RETRY_MAX_SECONDS = 0.0001, 0.002  # between tries for another process's lock
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,13 +133,14 @@ class Store:
         self.path = path
         self.busy_timeout = busy_timeout
         self._local = threading.local()
+        self._write_lock = threading.Lock()  # this process's writers queue here; only its holder asks SQLite
 
     @property
     def _db(self) -> Database:
         db: Database | None = getattr(self._local, "db", None)
         if db is None:
-            # Reads wait for the busy timeout too: in WAL mode they wait only in rare moments, such as
-            # another process checkpointing the database as it closes it.
+            # A thread's reads wait for the busy timeout (the event loop's do not: see _write); in WAL mode
+            # reads meet a lock only in rare moments, such as another process checkpointing as it closes.
             conn = sqlite3.connect(self.path, timeout=self.busy_timeout)
             db = Database(conn, recursive_triggers=False, execute_plugins=False)
             db.execute("pragma foreign_keys = on")
@@ -159,15 +160,24 @@ class Store:
         """One write transaction that takes the database's write lock at once (BEGIN IMMEDIATE).
 
         Taking the lock up front means concurrent writers, in this or another process, wait for it
-        instead of failing on a lock upgrade half way through. Without `wait`, a lock held by another
-        writer raises WouldBlockError at once: for callers on the event loop, which must not sleep, and
-        whose thread's connection then never waits (so its reads do not either). Statements go straight
-        to the sqlite3 connection: the transaction is ours, so sqlite-utils' own transaction handling
-        around each statement would only cost time on the busiest path.
+        instead of failing on a lock upgrade half way through. Writers of this process queue on a thread
+        lock first, so that at most one of them asks SQLite. Without `wait`, a lock held by another writer
+        raises WouldBlockError at once: for callers on the event loop, which must not sleep, and whose
+        thread's connection then never waits (so its reads do not either). Statements go straight to the
+        sqlite3 connection: the transaction is ours, so sqlite-utils' own transaction handling around
+        each statement would only cost time on the busiest path.
+
+        Raises:
+            WouldBlockError: without `wait`, another writer holds a lock; nothing was done.
+            TemporarilyUnavailableError: the locks stayed taken for the whole busy timeout.
         """
         conn = self._db.conn
-        self._set_waits(conn, False)  # _begin_write waits for the write lock itself
+        if not self._write_lock.acquire(blocking=wait, timeout=self.busy_timeout if wait else -1):
+            if not wait:
+                raise WouldBlockError
+            raise TemporarilyUnavailableError("the database is busy; try again")
         try:
+            self._set_waits(conn, False)  # _begin_write waits for another process's lock itself
             self._begin_write(conn, wait)
             try:
                 yield conn
@@ -176,11 +186,12 @@ class Store:
                 conn.rollback()  # also when the commit failed: never keep the write lock
                 raise
         finally:
+            self._write_lock.release()
             if wait:
                 self._set_waits(conn, True)
 
     def _begin_write(self, conn: sqlite3.Connection, wait: bool) -> None:
-        """BEGIN IMMEDIATE, tried again while another writer holds the lock, for up to the busy timeout.
+        """BEGIN IMMEDIATE, tried again while another process holds the lock, for up to the busy timeout.
 
         SQLite's own busy handler sleeps 1, 2, 5, 10, … 100 ms between tries, so that a writer waiting
         behind transactions of a tenth of a millisecond (another worker's refreshes) sleeps for far longer
@@ -190,13 +201,13 @@ class Store:
             WouldBlockError: without `wait`, the lock is taken.
             TemporarilyUnavailableError: the lock stayed taken for the whole busy timeout.
         """
-        deadline, delay = 0.0, WRITE_RETRY_FIRST
+        deadline, delay = 0.0, WRITE_RETRY_FIRST_SECONDS
         while True:
             try:
                 conn.execute("begin immediate")
                 return
             except sqlite3.OperationalError as exc:
-                if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY:  # SQLITE_BUSY and its extended codes
+                if not _is_busy(exc):
                     raise
                 if not wait:
                     raise WouldBlockError from exc
@@ -205,7 +216,20 @@ class Store:
                 if now >= deadline:
                     raise TemporarilyUnavailableError("the database is busy; try again") from exc
             time.sleep(min(delay, deadline - now))
-            delay = min(delay * 2, WRITE_RETRY_MAX)
+            delay = min(delay * 2, WRITE_RETRY_MAX_SECONDS)
+
+    def _read(self, sql: str, parameters: Sequence[object] = ()) -> list[Any]:
+        """Every row of a query.
+
+        Raises:
+            TemporarilyUnavailableError: the database stayed locked (a connection that does not wait).
+        """
+        try:
+            return self._db.conn.execute(sql, parameters).fetchall()
+        except sqlite3.OperationalError as exc:
+            if not _is_busy(exc):
+                raise
+            raise TemporarilyUnavailableError("the database is busy; try again") from exc
 
     def migrate(self) -> None:
         """Create the database file if needed, switch it to WAL and apply the migrations it lacks.
@@ -291,16 +315,15 @@ class Store:
 
     def find_user_by_email(self, email: str) -> User | None:
         """Return the user with this email (case-insensitive), or None."""
-        cursor = self._db.execute(f"select {_USER_COLUMNS} from users where email = ?", [email])
-        return _user(cursor.fetchone())
+        return _user(_first(self._read(f"select {_USER_COLUMNS} from users where email = ?", [email])))
 
     def find_user(self, user_id: str) -> User | None:
         """Return the user with this id, or None."""
-        return _user(self._db.execute(f"select {_USER_COLUMNS} from users where id = ?", [user_id]).fetchone())
+        return _user(_first(self._read(f"select {_USER_COLUMNS} from users where id = ?", [user_id])))
 
     def list_users(self) -> list[User]:
         """Return every user, oldest first."""
-        rows = self._db.execute(f"select {_USER_COLUMNS} from users order by created_at, email").fetchall()
+        rows = self._read(f"select {_USER_COLUMNS} from users order by created_at, email")
         return [user for user in map(_user, rows) if user is not None]
 
     def set_password_hash(self, user_id: str, password_hash: str, now: int) -> None:
@@ -345,16 +368,15 @@ class Store:
         reuse_interval: int,
         wait: bool = True,
     ) -> Rotation:
-        """Spend the refresh token of `family` with this hash and store its successor, or detect its reuse;
-        one write transaction.
+        """Spend a refresh token of `family` and store its successor, or detect its reuse, in one transaction.
 
         BEGIN IMMEDIATE takes SQLite's write lock before the token is read, so concurrent refreshes of
         one token, from any thread or process, are decided one after another: exactly one finds it unspent.
         A session keeps one line of tokens: a rotation deletes the other unspent tokens (forks made within
-        the reuse interval), and spent ones out of the interval or spent MAX_SPENT_REFRESH_TOKENS or more
-        rotations before this one.
-        A token that is not stored but names a live session's family was therefore spent or forked away:
-        a reuse, which revokes the session, and that revocation is committed.
+        the reuse interval), spent ones out of the interval, and all but the newest MAX_SPENT_REFRESH_TOKENS
+        spent ones (by spending time, then by generation: rotations since the login). A token that is not
+        stored but names a live session's family was therefore spent or forked away: a reuse, which
+        revokes the session, and that revocation is committed.
 
         Raises:
             WouldBlockError: without `wait`, another writer holds the lock; nothing was done.
@@ -387,9 +409,11 @@ class Store:
                     [now, session_id, token_hash],
                 )
                 db.execute(  # the session's few rows, in one place of the table
-                    "delete from refresh_tokens where session_id = ? and token_hash != ?"
-                    " and (used_at is null or used_at <= ? or generation <= ?)",
-                    [session_id, token_hash, now - reuse_interval, generation - MAX_SPENT_REFRESH_TOKENS],
+                    "delete from refresh_tokens where session_id = ?1 and token_hash != ?2 and (used_at is null"
+                    " or used_at <= ?3 or token_hash not in (select token_hash from refresh_tokens"
+                    " where session_id = ?1 and token_hash != ?2 and used_at is not null"
+                    " order by used_at desc, generation desc limit ?4))",
+                    [session_id, token_hash, now - reuse_interval, MAX_SPENT_REFRESH_TOKENS - 1],
                 )
             elif now - used_at >= reuse_interval or _live_tokens(db, session_id) >= MAX_LIVE_REFRESH_TOKENS:
                 _revoke_sessions(db, "id = ?", [session_id], now)
@@ -403,11 +427,11 @@ class Store:
 
     def find_refresh_session(self, family: str, token_hash: str) -> str | None:
         """Return the id of the session a refresh token belongs to (spent or not), or None."""
-        row = self._db.execute(
+        row = _first(self._read(
             "select sessions.id from sessions join refresh_tokens on refresh_tokens.session_id = sessions.id"
             " where sessions.family = ? and refresh_tokens.token_hash = ?",
             [family, token_hash],
-        ).fetchone()
+        ))  # fmt: skip
         return None if row is None else str(row[0])
 
     def revoke_session(self, session_id: str, now: int) -> int:
@@ -471,21 +495,20 @@ class Store:
 
     def count_live_sessions(self, now: int) -> int:
         """Return the number of sessions not revoked that hold an unexpired refresh token."""
-        row = self._db.execute(
+        rows = self._read(
             "select count(*) from sessions where revoked_at is null and exists (select 1 from refresh_tokens"
             " where refresh_tokens.session_id = sessions.id and refresh_tokens.expires_at > ?)",
             [now],
-        ).fetchone()
-        return int(row[0])
+        )
+        return int(rows[0][0])
 
     def find_session_user(self, session_id: str) -> User | None:
         """Return the user of a session that exists and is not revoked, if that user is not disabled."""
-        row = self._db.execute(
+        return _user(_first(self._read(
             f"select {_USER_COLUMNS_OF_USERS} from sessions join users on users.id = sessions.user_id"
             " where sessions.id = ? and sessions.revoked_at is null and users.is_disabled = 0",
             [session_id],
-        ).fetchone()
-        return _user(row)
+        )))  # fmt: skip
 
     def is_usable(self) -> bool:
         """Return whether the database answers a query on the users table."""
@@ -494,6 +517,15 @@ class Store:
         except sqlite3.Error:
             return False
         return True
+
+
+def _first(rows: list[Any]) -> Any:
+    return rows[0] if rows else None
+
+
+def _is_busy(exc: sqlite3.OperationalError) -> bool:
+    """Whether SQLite answered SQLITE_BUSY (or one of its extended codes): another connection holds a lock."""
+    return exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY
 
 
 def _live_tokens(db: sqlite3.Connection, session_id: str) -> int:

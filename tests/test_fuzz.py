@@ -199,9 +199,9 @@ def test_a_write_waiting_for_another_writer_goes_on_when_the_lock_frees(env: dic
         other_writer = sqlite3.connect(settings.db_path, check_same_thread=False)
         other_writer.execute("begin immediate")
         release = threading.Timer(0.3, other_writer.rollback)
+        started = time.monotonic()
         release.start()
         try:
-            started = time.monotonic()
             response = client.post("/refresh", json={"refresh_token": pair["refresh_token"]})
             waited = time.monotonic() - started
         finally:

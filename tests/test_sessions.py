@@ -550,7 +550,29 @@ def test_sessions_survive_the_upgrade_from_schema_3(settings: Settings, clock: C
         assert refresh(client, response.json()["refresh_token"]).status_code == 200
     with contextlib.closing(sqlite3.connect(settings.db_path)) as conn:
         assert conn.execute("select id from sessions").fetchall() == [("s1",)]
+        assert conn.execute("select distinct session_id from refresh_tokens").fetchall() == [("s1",)]
+        assert conn.execute("pragma foreign_key_check").fetchall() == []
         assert conn.execute("pragma user_version").fetchone()[0] == len(MIGRATIONS)
+
+
+def test_replays_and_fork_rotations_within_the_interval_keep_the_rows_bounded(
+    lenient: TestClient, settings: Settings, alice: Account
+) -> None:
+    """A thief who replays the first token for a fork, rotates the fork, and again, all within the interval,
+    neither grows the session without bound nor keeps the first token usable for long."""
+    first = login(lenient, alice.email)
+    refresh(lenient, first["refresh_token"])
+    counts, statuses = [], []
+    for _ in range(20):
+        fork = refresh(lenient, first["refresh_token"])
+        statuses.append(fork.status_code)
+        if fork.status_code != 200:
+            break
+        assert refresh(lenient, fork.json()["refresh_token"]).status_code == 200
+        counts.append(table_counts(settings.db_path)["refresh_tokens"])
+
+    assert statuses[:4] == [200] * 4 and statuses[-1] == 400  # the first token was dropped and taken as theft
+    assert max(counts) <= 5 + 5  # live tokens and forks, and the newest five spent
 
 
 def test_expired_tokens_and_ended_sessions_are_deleted(env: dict[str, str], clock: Clock, alice: Account) -> None:
