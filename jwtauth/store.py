@@ -133,7 +133,7 @@ class Store:
         self.path = path
         self.busy_timeout = busy_timeout
         self._local = threading.local()
-        self._write_lock = threading.Lock()  # this process's writers queue here; only its holder asks SQLite
+        self._write_lock = threading.Lock()  # this process's waiting writers queue here; only its holder polls
 
     @property
     def _db(self) -> Database:
@@ -160,10 +160,11 @@ class Store:
         """One write transaction that takes the database's write lock at once (BEGIN IMMEDIATE).
 
         Taking the lock up front means concurrent writers, in this or another process, wait for it
-        instead of failing on a lock upgrade half way through. Writers of this process queue on a thread
-        lock first, so that at most one of them asks SQLite. Without `wait`, a lock held by another writer
-        raises WouldBlockError at once: for callers on the event loop, which must not sleep, and whose
-        thread's connection then never waits (so its reads do not either). Statements go straight to the
+        instead of failing on a lock upgrade half way through. Waiting writers of this process queue on a
+        thread lock first, so that only one of them polls SQLite. Without `wait`, a lock held by another
+        writer raises WouldBlockError at once: for callers on the event loop, which must not sleep (they
+        go straight to SQLite, past the queue), and whose thread's connection then never waits (so its
+        reads do not either). Statements go straight to the
         sqlite3 connection: the transaction is ours, so sqlite-utils' own transaction handling around
         each statement would only cost time on the busiest path.
 
@@ -172,12 +173,10 @@ class Store:
             TemporarilyUnavailableError: the locks stayed taken for the whole busy timeout.
         """
         conn = self._db.conn
-        if not self._write_lock.acquire(blocking=wait, timeout=self.busy_timeout if wait else -1):
-            if not wait:
-                raise WouldBlockError
+        if wait and not self._write_lock.acquire(timeout=self.busy_timeout):
             raise TemporarilyUnavailableError("the database is busy; try again")
         try:
-            self._set_waits(conn, False)  # _begin_write waits for another process's lock itself
+            self._set_waits(conn, False)  # _begin_write waits for the write lock itself
             self._begin_write(conn, wait)
             try:
                 yield conn
@@ -186,8 +185,8 @@ class Store:
                 conn.rollback()  # also when the commit failed: never keep the write lock
                 raise
         finally:
-            self._write_lock.release()
             if wait:
+                self._write_lock.release()
                 self._set_waits(conn, True)
 
     def _begin_write(self, conn: sqlite3.Connection, wait: bool) -> None:
