@@ -164,9 +164,9 @@ class Store:
         thread lock first, so that only one of them polls SQLite. Without `wait`, a lock held by another
         writer raises WouldBlockError at once: for callers on the event loop, which must not sleep (they
         go straight to SQLite, past the queue), and whose thread's connection then never waits (so its
-        reads do not either). Statements go straight to the
-        sqlite3 connection: the transaction is ours, so sqlite-utils' own transaction handling around
-        each statement would only cost time on the busiest path.
+        reads do not either). Statements go straight to the sqlite3 connection: the transaction is ours,
+        so sqlite-utils' own transaction handling around each statement would only cost time on the
+        busiest path.
 
         Raises:
             WouldBlockError: without `wait`, another writer holds a lock; nothing was done.
