@@ -14,7 +14,6 @@ Kinds:
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import secrets
 import subprocess
@@ -26,15 +25,16 @@ from dataclasses import dataclass
 
 import argon2
 import jwt
+from bench_server import DEFAULT_ARGON2, PASSWORD
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from jwtauth.keys import public_jwk
 from jwtauth.tokens import REQUIRED_CLAIMS, verify_access_token
+from jwtauth.verify import Fetched, JWKSClient, Verifier
 
 KINDS = ("rs256-sign", "rs256-verify", "argon2-verify", "verify-access-token", "jwtauth-verify")
 ISSUER = "http://127.0.0.1:18000"  # as long as the issuer the bench server runs with
 AUDIENCE = "jwtauth"
-PASSWORD = "bench-password-0123"  # noqa: S105 -- a benchmark account on a throw-away database
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,11 +96,10 @@ def jwtauth_verify_access_token(signer: Signer) -> Callable[[], object]:
 
 def jwtauth_verify(signer: Signer) -> Callable[[], object]:
     """jwtauth.verify's Verifier, whose JWKS client gets the key set from memory: no HTTP is timed."""
-    verify = importlib.import_module("jwtauth.verify")  # written concurrently: looked up only when asked
     body = json.dumps({"keys": [public_jwk(signer.private_key.public_key())]}).encode()
-    fetched = verify.Fetched(200, {"cache-control": "max-age=86400"}, body)
-    client = verify.JWKSClient(jwks_uri=f"{ISSUER}/.well-known/jwks.json", fetch=lambda *_: fetched)
-    verifier = verify.Verifier(ISSUER, AUDIENCE, jwks=client)
+    fetched = Fetched(200, {"cache-control": "max-age=86400"}, body)
+    client = JWKSClient(jwks_uri=f"{ISSUER}/.well-known/jwks.json", fetch=lambda *_: fetched)
+    verifier = Verifier(ISSUER, AUDIENCE, jwks=client)
     return lambda: verifier.verify_access_token(signer.token)
 
 
@@ -148,7 +147,7 @@ def operation_of(kind: str, argon2_text: str) -> Callable[[], object]:
     return makers[kind](signer)
 
 
-def measure_limit(kind: str, cpus: Sequence[int], seconds: float, argon2_text: str = "3,65536,4") -> float:
+def measure_limit(kind: str, cpus: Sequence[int], seconds: float, argon2_text: str = DEFAULT_ARGON2) -> float:
     """Run KIND in one process per CPU, each pinned to its CPU, at once; return the summed rate."""
     command = [sys.executable, __file__, kind, "--seconds", str(seconds), "--argon2", argon2_text]
     processes = [
@@ -167,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("kind", choices=KINDS)
     parser.add_argument("--seconds", type=float, default=2.0)
-    parser.add_argument("--argon2", default="3,65536,4", help="time cost, memory KiB, parallelism")
+    parser.add_argument("--argon2", default=DEFAULT_ARGON2, help="time cost, memory KiB, parallelism")
     args = parser.parse_args(argv)
     rate = operations_per_second(operation_of(args.kind, args.argon2), args.seconds)
     print(json.dumps({"kind": args.kind, "ops_per_s": rate}))

@@ -13,18 +13,20 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+import sysconfig
 import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
 import bench_wrk
+from bench import login_load, plan_for, refresh_pool
 from bench_noise import CLOCK_TICKS
 from bench_server import (
     CHEAP_ARGON2,
     DEFAULT_ARGON2,
-    PASSWORD,
     Installation,
+    Server,
     account_emails,
     add_users,
     cpu_seconds,
@@ -82,7 +84,7 @@ def short(frame: str) -> str:
     """`fn (/long/path/site-packages/pkg/mod.py:12)` → `fn (pkg/mod.py)`."""
     function, _, where = frame.partition(" (")
     path = where.rstrip(")").rpartition(":")[0]
-    for marker in ("site-packages/", "lib/python3.11/", "/work/main/"):
+    for marker in ("site-packages/", f"{sysconfig.get_path('stdlib')}/", f"{REPO}/"):
         path = path.rpartition(marker)[2] if marker in path else path
     return f"{function} ({path})"
 
@@ -128,20 +130,21 @@ def thread_usage(pid: int, before: dict[int, float], after: dict[int, float], se
     )
 
 
-def load_for(kind: str, installation: Installation, directory: Path, seconds: int) -> Load:
+def load_for(kind: str, server: Server, directory: Path, seconds: int) -> Load:
     """The wrk load of the bench for kind, with the tokens it needs obtained now."""
-    url, emails = installation.base_url, account_emails(PROFILE_ACCOUNTS[kind], 8)
+    url, emails = server.base_url, account_emails(PROFILE_ACCOUNTS[kind], 8)
+    plan = plan_for(1, seconds)  # the bench's connections for one worker
     if kind == "refresh":
-        pool = directory / "refresh.tokens"
-        pool.write_text("".join(f"{pair['refresh_token']}\n" for pair in login_many(url, emails, 48)))
-        return Load(f"{url}/refresh", "refresh.lua", (str(pool), "1"), seconds, 16)
+        pool = refresh_pool(server, emails, 3 * plan.connections, directory / "refresh.tokens")
+        return Load(f"{url}/refresh", "refresh.lua", (str(pool), "1"), seconds, plan.connections)
     if kind == "userinfo":
         token = str(login_many(url, emails, 1)[0]["access_token"])
-        return Load(f"{url}/userinfo", "get.lua", (token,), seconds, 16)
+        return Load(f"{url}/userinfo", "get.lua", (token,), seconds, plan.connections)
     if kind in ("login", "login-cheap"):
-        (directory / "cheap.emails").write_text("".join(f"{email}\n" for email in emails))
-        return Load(f"{url}/login", "login.lua", (str(directory / "cheap.emails"), PASSWORD, "1"), seconds, 4)
-    return Load(f"{url}/.well-known/jwks.json", "get.lua", (), seconds, 16)
+        emails_file = directory / "accounts.emails"
+        emails_file.write_text("".join(f"{email}\n" for email in emails))
+        return login_load(plan, url, emails_file, seconds)
+    return Load(f"{url}/.well-known/jwks.json", "get.lua", (), seconds, plan.connections)
 
 
 def profile(kind: str, py_spy: str, seconds: int, out: Path, all_threads: bool) -> Path:
@@ -153,7 +156,7 @@ def profile(kind: str, py_spy: str, seconds: int, out: Path, all_threads: bool) 
         env = installation.env(parameters)
         log = Path(directory) / "server.log"
         with serving(jwtauth_serve(1, installation.port), env, "0", installation.base_url, log) as server:
-            load = load_for(kind, installation, Path(directory), seconds + 2)
+            load = load_for(kind, server, Path(directory), seconds + 2)
             wrk = bench_wrk.start(load)
             # --gil: only the thread holding the GIL, i.e. the Python work of the process; C code that
             # releases the GIL (RSA in cryptography, SQLite's stepping, Argon2) is not sampled. Without it

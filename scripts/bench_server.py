@@ -204,7 +204,8 @@ class Server:
 
 @contextmanager
 def serving(command: Sequence[str], env: dict[str, str], cpus: str, base_url: str, log_path: Path) -> Iterator[Server]:
-    """Start `taskset -c CPUS command`, wait until GET /healthz or /get answers, stop it on exit."""
+    """Start `taskset -c CPUS command`, wait until it answers HTTP, stop it on exit; on a failure, print the
+    end of its log first (the log is in a temp directory that is about to go)."""
     with log_path.open("ab") as log:
         process = subprocess.Popen(
             ["taskset", "-c", cpus, *command], env=env, stdout=log, stderr=log, start_new_session=True
@@ -213,7 +214,7 @@ def serving(command: Sequence[str], env: dict[str, str], cpus: str, base_url: st
     try:
         wait_ready(server)
         yield server
-    except Exception:  # the log is in a temp directory that is about to go: show its end first
+    except Exception:
         tail = log_path.read_text(errors="replace")[-3000:]
         print(f"server log {log_path} ends with:\n{tail}", file=sys.stderr)
         raise
@@ -222,7 +223,7 @@ def serving(command: Sequence[str], env: dict[str, str], cpus: str, base_url: st
 
 
 def wait_ready(server: Server, timeout: float = 60.0) -> None:
-    """Poll until the server answers HTTP; raise with the log's tail if it exits or takes too long."""
+    """Poll GET /healthz until the server answers; raise if it exits or takes too long."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.process.poll() is not None:
@@ -233,9 +234,8 @@ def wait_ready(server: Server, timeout: float = 60.0) -> None:
                 return
         except OSError:
             time.sleep(0.1)
-    tail = server.log_path.read_text(errors="replace")[-2000:]
     server.stop()
-    raise RuntimeError(f"server did not start; its log ends with:\n{tail}")
+    raise RuntimeError(f"server did not start within {timeout:.0f} s")
 
 
 def serve_arguments(workers: int, port: int) -> list[str]:
