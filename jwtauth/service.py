@@ -159,11 +159,11 @@ class AuthService:
                 which revokes the whole session.
         """
         now = self.now()
-        family = family_of_refresh_token(refresh_token)
-        successor = new_refresh_token(family) if family else ""
         ttl = self.settings.refresh_ttl
-        rotation = (
-            self.store.rotate_refresh_token(
+        family, successor, rotation = family_of_refresh_token(refresh_token), "", Rotation("invalid")
+        if family is not None:  # else not a token of ours: no lookup, no lock
+            successor = new_refresh_token(family)
+            rotation = self.store.rotate_refresh_token(
                 family,
                 hash_refresh_token(refresh_token),
                 hash_refresh_token(successor),
@@ -172,9 +172,6 @@ class AuthService:
                 self.settings.refresh_reuse_interval,
                 wait,
             )
-            if family
-            else Rotation("invalid")  # names no family, so not a token of ours: no lookup, no lock
-        )
         user, session_id = rotation.user, rotation.session_id
         if rotation.outcome in ("invalid", "reuse_detected") or user is None or session_id is None:
             event = "refresh_reuse_detected" if rotation.outcome == "reuse_detected" else "refresh_failed"
