@@ -24,6 +24,7 @@ OVERRIDABLE = (
     "ARGON2_PARALLELISM", "LOGIN_MAX_FAILURES", "LOGIN_WINDOW", "LOGIN_MAX_FAILURES_PER_ADDRESS",
     "TRUSTED_PROXIES", "DB_BUSY_TIMEOUT_MS", "HASH_CONCURRENCY", "OPEN_REGISTRATION", "PASSWORD_GRANT",
 )  # fmt: skip
+_MAX_NUMBER = 1_000_000_000  # no setting needs more; far below what overflows SQLite or a timestamp
 CLIENT_ID = "jwtauth"  # the first-party client every token is issued to (RFC 9068 §2.2 client_id)
 
 
@@ -117,7 +118,7 @@ class _Reader:
             raise ConfigError(f"JWTAUTH_{name} must not be empty")
         return value
 
-    def number(self, name: str, default: int, minimum: int = 0, maximum: int = 1_000_000_000) -> int:
+    def number(self, name: str, default: int, minimum: int = 0) -> int:
         raw = self.env.get(f"JWTAUTH_{name}")
         if raw is None:
             return default
@@ -125,8 +126,8 @@ class _Reader:
             value = int(raw.strip())
         except ValueError:
             raise ConfigError(f"JWTAUTH_{name} must be a whole number, not {raw!r}") from None
-        if not minimum <= value <= maximum:
-            raise ConfigError(f"JWTAUTH_{name} must be from {minimum} to {maximum}, not {value}")
+        if not minimum <= value <= _MAX_NUMBER:
+            raise ConfigError(f"JWTAUTH_{name} must be from {minimum} to {_MAX_NUMBER}, not {value}")
         return value
 
     def networks(self, name: str) -> tuple[IPNetwork, ...]:

@@ -22,7 +22,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -116,11 +116,13 @@ class KeySet:
 
     @property
     def current(self) -> KeyEntry:
-        return next(entry for entry in self.entries if entry.state == "current")
+        current = _in_state(self.entries, "current")
+        assert current is not None  # checked when the set was built
+        return current
 
     @property
     def next(self) -> KeyEntry | None:
-        return next((entry for entry in self.entries if entry.state == "next"), None)
+        return _in_state(self.entries, "next")
 
     @property
     def signing_key(self) -> tuple[str, rsa.RSAPrivateKey]:
@@ -226,10 +228,12 @@ class KeyStore:
         """
         with self._locked():
             entries = list(self._read_entries())
-            current = next(entry for entry in entries if entry.state == "current")
+            current = _in_state(entries, "current")
+            if current is None:
+                raise KeyStoreError("the key set must have exactly one current key")
             if scheduled and now < (current.rotates_at(self.policy) or now):
                 return self.load()
-            upcoming = next((entry for entry in entries if entry.state == "next"), None)
+            upcoming = _in_state(entries, "next")
             if upcoming is not None and not force and now < upcoming.signs_from(self.policy):
                 raise RotationTooEarlyError(upcoming.signs_from(self.policy))
             rotated = [_retire(entry, now) if entry.state == "current" else entry for entry in entries]
@@ -343,6 +347,10 @@ class KeyStore:
             yield
         finally:
             os.close(fd)
+
+
+def _in_state(entries: Sequence[KeyEntry], state: KeyState) -> KeyEntry | None:
+    return next((entry for entry in entries if entry.state == state), None)
 
 
 def _retire(entry: KeyEntry, now: int) -> KeyEntry:

@@ -13,13 +13,15 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 LogFormat = Literal["text", "json"]
-REQUEST_ID: ContextVar[str] = ContextVar("jwtauth_request_id", default="-")  # set by web.RequestId
-# Record attributes that are not an event's fields (color_message: uvicorn's copy of the message).
+REQUEST_ID: ContextVar[str] = ContextVar("jwtauth_request_id", default="-")  # set by web.Envelope
+# Record attributes that are not an event's fields (color_message: uvicorn's copy of the message; event:
+# written as a key of its own).
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
     "message",
     "asctime",
     "request_id",
     "color_message",
+    "event",
 }
 
 
@@ -52,7 +54,7 @@ class JsonFormatter(logging.Formatter):
             "request_id": getattr(record, "request_id", "-"),
             "message": record.getMessage(),
         }
-        entry.update({key: value for key, value in vars(record).items() if key not in _STANDARD and key != "event"})
+        entry.update({key: value for key, value in vars(record).items() if key not in _STANDARD})
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)

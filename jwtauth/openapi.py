@@ -5,6 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from jwtauth import __version__
+from jwtauth.passwords import MAX_PASSWORD_LENGTH
+from jwtauth.service import MAX_EMAIL_LENGTH, MAX_NAME_LENGTH
+from jwtauth.web import MAX_PARAM_LENGTH
 
 
 def _string(max_length: int, **more: Any) -> dict[str, Any]:
@@ -49,29 +52,31 @@ BASE: dict[str, Any] = {
                 refresh_token={"type": "string"},
                 refresh_expires_in={"type": "integer"},
             ),
-            "Login": _object(["email", "password"], email=_string(254), password=_string(1024)),
+            "Login": _object(
+                ["email", "password"], email=_string(MAX_EMAIL_LENGTH), password=_string(MAX_PASSWORD_LENGTH)
+            ),
             "Registration": _object(
                 ["email", "password"],
-                email=_string(254),
-                password=_string(1024),
-                name={"type": "string", "maxLength": 200},
+                email=_string(MAX_EMAIL_LENGTH),
+                password=_string(MAX_PASSWORD_LENGTH),
+                name={"type": "string", "maxLength": MAX_NAME_LENGTH},
             ),
             "User": _object(
                 ["id", "email", "name"], id={"type": "string"}, email={"type": "string"}, name={"type": "string"}
             ),
-            "Refresh": _object(["refresh_token"], refresh_token=_string(4096)),
+            "Refresh": _object(["refresh_token"], refresh_token=_string(MAX_PARAM_LENGTH)),
             "Revoke": _object(
                 ["token"],
-                token=_string(4096),
+                token=_string(MAX_PARAM_LENGTH),
                 token_type_hint={"type": "string", "enum": ["access_token", "refresh_token"]},
             ),
             "Logout": _object([], scope={"type": "string", "enum": ["local", "global"]}),
             "Token": _object(
                 ["grant_type"],
                 grant_type={"type": "string", "enum": ["refresh_token", "password"]},
-                refresh_token=_string(4096),
-                username=_string(254),
-                password=_string(1024),
+                refresh_token=_string(MAX_PARAM_LENGTH),
+                username=_string(MAX_EMAIL_LENGTH),
+                password=_string(MAX_PASSWORD_LENGTH),
             ),
             "UserInfo": _object(
                 ["sub", "email", "name"], sub={"type": "string"}, email={"type": "string"}, name={"type": "string"}

@@ -30,6 +30,7 @@ from jwtauth.service import TokenPair
 log = logging.getLogger("jwtauth")
 
 MAX_BODY_BYTES = 16_384
+MAX_PARAM_LENGTH = 4096  # a text field other than email, password and name (tokens, grant types)
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}  # RFC 6749 §5.1
 _BEARER = re.compile(r"Bearer +([A-Za-z0-9\-._~+/]+=*)", re.IGNORECASE)  # RFC 6750 §2.1 b64token
 
@@ -80,7 +81,9 @@ async def read_params(request: Request) -> Mapping[str, object]:
     raise UnsupportedMediaTypeError("send application/json or application/x-www-form-urlencoded")
 
 
-def text_param(params: Mapping[str, object], name: str, max_length: int = 4096, required: bool = True) -> str:
+def text_param(
+    params: Mapping[str, object], name: str, max_length: int = MAX_PARAM_LENGTH, required: bool = True
+) -> str:
     """Return a string field: required and non-blank, or else "" when missing.
 
     Raises:
