@@ -185,5 +185,10 @@ class Clock:
         self.now += seconds
 
 
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
 def bearer(token: object) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}

@@ -122,10 +122,15 @@ def test_wrong_types_are_an_invalid_request(
 
 
 @pytest.mark.parametrize("raw", [b"{", b"[]", b'"alice"', b"null", b"\xff\xfe", b'{"email": "a@b.c", }'])
-def test_malformed_json_is_an_invalid_request(client: TestClient, alice: Account, raw: bytes) -> None:
+def test_malformed_json_is_an_invalid_request(
+    client: TestClient, alice: Account, settings: Settings, raw: bytes
+) -> None:
+    before = table_counts(settings.db_path)
+
     response = client.post("/login", content=raw, headers={"content-type": "application/json"})
 
     assert_error(response, 400, "invalid_request")
+    assert table_counts(settings.db_path) == before
 
 
 @pytest.mark.parametrize(
@@ -142,12 +147,14 @@ def test_oversized_or_nul_fields_are_an_invalid_request(
     assert table_counts(settings.db_path) == before
 
 
-def test_lone_surrogate_is_an_invalid_request(client: TestClient, alice: Account) -> None:
+def test_lone_surrogate_is_an_invalid_request(client: TestClient, alice: Account, settings: Settings) -> None:
     raw = b'{"email": "alice@example.com", "password": "\\ud800correct horse"}'
+    before = table_counts(settings.db_path)
 
     response = client.post("/login", content=raw, headers={"content-type": "application/json"})
 
     assert_error(response, 400, "invalid_request")
+    assert table_counts(settings.db_path) == before
 
 
 def test_form_encoded_login_works(client: TestClient, alice: Account) -> None:
@@ -157,18 +164,24 @@ def test_form_encoded_login_works(client: TestClient, alice: Account) -> None:
     assert set(response.json()) == TOKEN_FIELDS
 
 
-def test_repeated_form_field_is_an_invalid_request(client: TestClient, alice: Account) -> None:
+def test_repeated_form_field_is_an_invalid_request(client: TestClient, alice: Account, settings: Settings) -> None:
     raw = f"email={alice.email}&password=x&password={alice.password}".encode()
+    before = table_counts(settings.db_path)
 
     response = client.post("/login", content=raw, headers={"content-type": "application/x-www-form-urlencoded"})
 
     assert_error(response, 400, "invalid_request")
+    assert table_counts(settings.db_path) == before
 
 
-def test_other_content_type_is_refused_with_415(client: TestClient, alice: Account) -> None:
-    response = client.post("/login", content=b"email=a", headers={"content-type": "text/plain"})
+def test_other_content_type_is_refused_with_415(client: TestClient, alice: Account, settings: Settings) -> None:
+    raw = json.dumps({"email": alice.email, "password": alice.password}).encode()  # valid, but not declared
+    before = table_counts(settings.db_path)
+
+    response = client.post("/login", content=raw, headers={"content-type": "text/plain"})
 
     assert_error(response, 415, "invalid_request")
+    assert table_counts(settings.db_path) == before
 
 
 def test_email_is_case_insensitive_at_login(client: TestClient, alice: Account) -> None:
@@ -404,7 +417,9 @@ def test_body_over_16_kib_is_413(client: TestClient, alice: Account, settings: S
     assert table_counts(settings.db_path) == before
 
 
-def test_chunked_body_over_16_kib_without_length_is_413(client: TestClient, alice: Account) -> None:
+def test_chunked_body_over_16_kib_without_length_is_413(client: TestClient, alice: Account, settings: Settings) -> None:
+    before = table_counts(settings.db_path)
+
     def chunks() -> Iterator[bytes]:
         yield json.dumps({"email": alice.email, "password": alice.password}).encode()[:-1]
         for _ in range(20):
@@ -415,6 +430,7 @@ def test_chunked_body_over_16_kib_without_length_is_413(client: TestClient, alic
 
     assert "content-length" not in response.request.headers
     assert_error(response, 413, "invalid_request")
+    assert table_counts(settings.db_path) == before  # the credentials in it were never checked
 
 
 def test_body_of_exactly_16_kib_is_accepted(client: TestClient, alice: Account) -> None:

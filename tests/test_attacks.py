@@ -414,7 +414,7 @@ def test_bearer_scheme_is_case_insensitive(client: TestClient, session: Session,
 # parse_bearer, a pure function
 
 
-@given(st.text())
+@given(st.text() | st.text().map("Bearer ".__add__))
 def test_parse_bearer_returns_a_token_or_raises_invalid_token(authorization: str) -> None:
     try:
         token = parse_bearer(authorization)

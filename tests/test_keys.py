@@ -85,7 +85,9 @@ def test_first_start_creates_a_current_and_a_next_key(fresh_client: TestClient, 
 
 
 def test_first_start_writes_unencrypted_pkcs8_pems(fresh_client: TestClient, fresh_settings: Settings) -> None:
-    for path in fresh_settings.keys_dir.glob("*.pem"):
+    pems = sorted(fresh_settings.keys_dir.glob("*.pem"))
+    assert len(pems) == 2  # the current key and the next one
+    for path in pems:
         assert path.read_bytes().startswith(b"-----BEGIN PRIVATE KEY-----\n"), path
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
         assert isinstance(key, rsa.RSAPrivateKey)
@@ -146,8 +148,10 @@ def test_rfc7638_thumbprint_helper_matches_the_rfc_example() -> None:
 
 def test_kid_is_the_rfc7638_thumbprint_of_the_key_on_disk(fresh_client: TestClient, fresh_settings: Settings) -> None:
     published = {key["kid"]: key for key in fresh_client.get("/.well-known/jwks.json").json()["keys"]}
+    pems = sorted(fresh_settings.keys_dir.glob("*.pem"))
 
-    for path in fresh_settings.keys_dir.glob("*.pem"):
+    assert len(pems) == len(published) == 2
+    for path in pems:
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
         assert isinstance(key, rsa.RSAPrivateKey)
         numbers = key.public_key().public_numbers()

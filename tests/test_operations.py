@@ -189,6 +189,17 @@ def test_registration_is_closed_by_default(client: TestClient, settings: Setting
             "invalid_request",
             "name",
         ),
+        ({"email": "n" * 250 + "@example.com", "password": "a fine password"}, 400, "invalid_request", "longer"),
+        ({"email": "new@example.com", "password": "p" * 1025}, 400, "invalid_request", "longer"),
+        ({"email": "new@example.com", "password": "a fine\x00password"}, 400, "invalid_request", "not allowed"),
+        (
+            {"email": "new@example.com", "password": "a fine password", "name": "\x1b[31mred"},
+            400,
+            "invalid_request",
+            "printable",
+        ),
+        ({"email": ["new@example.com"], "password": "a fine password"}, 400, "invalid_request", "string"),
+        ({"email": "new@example.com", "password": 12345678}, 400, "invalid_request", "string"),
     ],
 )
 def test_registration_refusals_write_nothing(
@@ -201,6 +212,31 @@ def test_registration_refusals_write_nothing(
 
     assert (response.status_code, response.json()["error"]) == (status, error)
     assert reason in response.json()["error_description"]
+    assert table_counts(settings.db_path) == before
+
+
+@pytest.mark.parametrize(
+    ("content", "content_type", "status"),
+    [
+        (b'{"email": "new@example.com", "password": ', "application/json", 400),  # malformed JSON
+        (b"email=new%40example.com&password=a+fine+password", "text/plain", 415),
+        (
+            b'{"email": "new@example.com", "password": "a fine password", "name": "' + b"n" * 17_000 + b'"}',
+            "application/json",
+            413,  # over 16 KiB
+        ),
+    ],
+)
+def test_registration_bodies_that_cannot_be_read_write_nothing(
+    env: dict[str, str], content: bytes, content_type: str, status: int
+) -> None:
+    settings = Settings.from_env({**env, "JWTAUTH_OPEN_REGISTRATION": "1"})
+    add_user(settings, "alice@example.com")
+    before = table_counts(settings.db_path)
+    with TestClient(create_app(settings)) as client:
+        response = client.post("/users", content=content, headers={"Content-Type": content_type})
+
+    assert (response.status_code, response.json()["error"]) == (status, "invalid_request")
     assert table_counts(settings.db_path) == before
 
 

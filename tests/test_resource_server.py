@@ -17,11 +17,6 @@ from .conftest import ISSUER, Account, Clock, bearer, login
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
 def api(client: TestClient, clock: Clock) -> Iterator[TestClient]:
     """The example API, trusting the jwtauth app under test; its clock is the test's."""
 

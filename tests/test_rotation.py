@@ -20,7 +20,7 @@ from starlette.testclient import TestClient
 from jwtauth.app import create_app
 from jwtauth.config import Settings
 
-from .conftest import PASSWORD, Account, Clock, add_user, bearer, login, run_cli, start_server, stop_server
+from .conftest import Account, Clock, add_user, bearer, login, run_cli, start_server, stop_server
 
 
 def entries(keys_dir: Path) -> list[dict[str, Any]]:
@@ -227,9 +227,9 @@ def test_every_worker_signs_with_the_new_key_within_2_s(env: dict[str, str]) -> 
     try:
         with httpx.Client(base_url=server.url, timeout=10) as http:
 
-            def fresh_token() -> str:
-                response = http.post("/login", json={"email": "alice@example.com", "password": PASSWORD})
-                return str(response.json()["access_token"])
+            def fresh_token() -> str:  # a connection of its own, so that logins reach both workers
+                with httpx.Client(base_url=server.url, timeout=10) as own:
+                    return str(login(own, "alice@example.com")["access_token"])
 
             old_token = fresh_token()
             result = run_cli("keys", "rotate", "--force", env=env)

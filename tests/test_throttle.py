@@ -30,11 +30,6 @@ def fail(client: TestClient | httpx.Client, email: str, times: int, address: str
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
 def proxied(env: dict[str, str], clock: Clock) -> Iterator[TestClient]:
     settings = Settings.from_env({**env, "JWTAUTH_TRUSTED_PROXIES": "10.0.0.0/24", "JWTAUTH_PASSWORD_GRANT": "1"})
     with TestClient(create_app(settings, clock=clock), client=PROXY) as client:

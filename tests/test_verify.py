@@ -61,11 +61,6 @@ def recorder(client: TestClient) -> Recorder:
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
 def verifier(recorder: Recorder, clock: Clock) -> Verifier:
     return Verifier(ISSUER, jwks=JWKSClient(ISSUER, fetch=recorder, clock=clock), clock=clock)
 
