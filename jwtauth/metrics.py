@@ -44,20 +44,22 @@ class Metrics:
         )  # fmt: skip
         self.events = Counter("jwtauth_audit_events", "Audit events by name.", ["event"], registry=self._registry)
         self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
-        self._event_counters: dict[str, Any] = {}
+        self._event_counters: dict[str, list[Any]] = {}
         self._state = CollectorRegistry()
         self._state.register(_State(service))
 
     def count_event(self, event: str) -> None:
         """Hooked to the service: every audit event."""
-        counter = self._event_counters.get(event)
-        if counter is None:  # looked up once per event name, as in observe
-            counter = self._event_counters[event] = self.events.labels(event)
-        counter.inc()
-        if event in LOGIN_OUTCOMES:
-            self.logins.labels(LOGIN_OUTCOMES[event]).inc()
-        elif event == "refresh_reuse_detected":
-            self.reuses.inc()
+        counters = self._event_counters.get(event)
+        if counters is None:  # looked up once per event name, as in observe
+            counters = [self.events.labels(event)]
+            if event in LOGIN_OUTCOMES:
+                counters.append(self.logins.labels(LOGIN_OUTCOMES[event]))
+            elif event == "refresh_reuse_detected":
+                counters.append(self.reuses)
+            self._event_counters[event] = counters
+        for counter in counters:
+            counter.inc()
 
     def render(self) -> bytes:
         """The text exposition of every metric: all workers' counters, then this moment's state."""

@@ -145,9 +145,9 @@ class JWKSClient:
     def needs_fetch(self, kid: str) -> bool:
         """Whether get_key(kid) would do I/O now: the cache is stale, or kid is unknown and may be looked for."""
         cache, now = self._cache, self._clock()
-        if now >= cache.fresh_until and now >= cache.retry_at:
-            return True
-        return kid not in cache.keys and now >= cache.refetch_at and now >= cache.retry_at
+        if now < cache.retry_at:  # a fetch failed lately: wait before the next
+            return False
+        return now >= cache.fresh_until or (kid not in cache.keys and now >= cache.refetch_at)
 
     def cached_key(self, kid: str) -> rsa.RSAPublicKey | None:
         """The key published under kid as far as the cache knows, fresh or stale; never does I/O."""
