@@ -21,20 +21,14 @@ from starlette.routing import BaseRoute, Route
 from starlette.schemas import SchemaGenerator
 
 from jwtauth.config import Settings
-from jwtauth.errors import (
-    AccessDeniedError,
-    AuthError,
-    InvalidRequestError,
-    UnsupportedGrantTypeError,
-    WouldBlockError,
-)
+from jwtauth.errors import AccessDeniedError, AuthError, InvalidRequestError, UnsupportedGrantTypeError
 from jwtauth.keys import KeyStore
 from jwtauth.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from jwtauth.metrics import Metrics
 from jwtauth.openapi import BASE as openapi_base
 from jwtauth.passwords import MAX_PASSWORD_LENGTH, PasswordHasher
 from jwtauth.service import MAX_EMAIL_LENGTH, MAX_NAME_LENGTH, AuthService
-from jwtauth.store import Store
+from jwtauth.store import open_store
 from jwtauth.web import (
     Envelope,
     client_address,
@@ -121,11 +115,7 @@ async def refresh(request: Request) -> Response:
 async def _refresh(request: Request, params: Mapping[str, object]) -> Response:
     refresh_token = text_param(params, "refresh_token")
     service: AuthService = request.state.service
-    try:  # on the event loop while the database is free: a rotation is shorter than a hop to a thread
-        pair = service.refresh(refresh_token, wait=False)
-    except WouldBlockError:  # another writer has the lock: wait for it in a thread, not on the loop
-        pair = await anyio.to_thread.run_sync(service.refresh, refresh_token)
-    return token_response(pair)
+    return token_response(await service.run(service.refresh, refresh_token))
 
 
 async def token(request: Request) -> Response:
@@ -162,7 +152,8 @@ async def revoke(request: Request) -> Response:
       "415": {$ref: "#/components/responses/Error"}
     """
     token = text_param(await read_params(request), "token")  # token_type_hint is optional: both kinds are tried
-    await anyio.to_thread.run_sync(request.state.service.revoke, token)
+    service: AuthService = request.state.service
+    await service.run(service.revoke, token)
     return JSONResponse({}, headers={"Cache-Control": "no-store"})  # RFC 7009 §2.2: 200 for any token
 
 
@@ -182,7 +173,8 @@ async def logout(request: Request) -> Response:
     scope = (await read_params(request)).get("scope", "local")
     if not isinstance(scope, str):
         raise InvalidRequestError("scope must be local or global")
-    await anyio.to_thread.run_sync(request.state.service.logout, access_token, scope)
+    service: AuthService = request.state.service
+    await service.run(service.logout, access_token, scope)
     return Response(status_code=204)
 
 
@@ -197,7 +189,7 @@ async def userinfo(request: Request) -> Response:
       "401": {$ref: "#/components/responses/Error"}
     """
     service: AuthService = request.state.service
-    _, user = service.authenticate(parse_bearer(request.headers.get("authorization")))
+    _, user = await service.run(service.authenticate, parse_bearer(request.headers.get("authorization")))
     return JSONResponse({"sub": user.id, "email": user.email, "name": user.name}, headers={"Cache-Control": "no-store"})
 
 
@@ -246,7 +238,7 @@ async def healthz(request: Request) -> Response:
         content: {application/json: {schema: {$ref: "#/components/schemas/Health"}}}
     """
     service: AuthService = request.state.service
-    if service.store.is_usable():  # the key set was checked (one current key, all loadable) when loaded
+    if await service.run(service.store.is_usable):  # the key set was checked (one current key, all loadable)
         return JSONResponse({"status": "ok"}, headers={"Cache-Control": "no-store"})
     return JSONResponse({"status": "unavailable"}, 503, {"Cache-Control": "no-store"})
 
@@ -283,25 +275,30 @@ def open_service(settings: Settings, clock: Callable[[], float] = time.time) -> 
     Raises:
         KeyStoreError: the keys cannot be used.
     """
-    store = Store(settings.db_path, settings.db_busy_timeout)
+    store = open_store(settings)
     store.migrate()
-    service = AuthService(settings, store, KeyStore.from_settings(settings), PasswordHasher(settings.argon2), clock)
+    keystore = KeyStore.from_settings(settings, store.key_repository())
+    service = AuthService(settings, store, keystore, PasswordHasher(settings.argon2), clock)
     service.clean_up()
     return service
 
 
-CLEAN_UP_EVERY = 60  # seconds between sweeps of expired refresh tokens and ended sessions
+CLEAN_UP_EVERY = 60  # seconds between sweeps of ended sessions
+COUNT_SESSIONS_EVERY = 5  # seconds between counts of the live sessions, for /metrics
 
 
-async def maintain(service: AuthService) -> None:
-    """In every worker: look at the key set once a second (API.md), sweep the database once a minute."""
-    for tick in itertools.count(1):
-        await anyio.sleep(1)
+async def maintain(service: AuthService, metrics: Metrics) -> None:
+    """In every worker: look at the key set once a second (API.md), count the live sessions every few
+    seconds (so that a scrape costs the same at any size) and sweep the database once a minute."""
+    for tick in itertools.count(0):
         try:
+            if tick % COUNT_SESSIONS_EVERY == 0:
+                await anyio.to_thread.run_sync(metrics.count_sessions)
+            await anyio.sleep(1)
             await anyio.to_thread.run_sync(service.maintain_keys)
-            if tick % CLEAN_UP_EVERY == 0:
+            if tick % CLEAN_UP_EVERY == CLEAN_UP_EVERY - 1:
                 await anyio.to_thread.run_sync(service.clean_up)
-        except Exception:  # a locked database or unreadable key file must not end the loop: try again later
+        except Exception:  # an unreachable database or unreadable key must not end the loop: try again later
             log.exception("maintenance failed; the server goes on with the keys it has")
 
 
@@ -314,7 +311,7 @@ def create_app(settings: Settings, clock: Callable[[], float] = time.time) -> St
         metrics = Metrics(service, {route.path for route in routes if isinstance(route, Route)})
         service.on_event = metrics.count_event
         async with anyio.create_task_group() as tasks:
-            tasks.start_soon(maintain, service)
+            tasks.start_soon(maintain, service, metrics)
             yield {
                 "openapi": json.dumps(SchemaGenerator(openapi_base).get_schema(routes)).encode(),
                 "service": service,

@@ -15,11 +15,18 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from jwtauth.config import OVERRIDABLE, Settings
-from jwtauth.errors import AuthError, ConfigError, KeyStoreError, RotationTooEarlyError, StoreError
+from jwtauth.errors import (
+    AuthError,
+    ConfigError,
+    KeyStoreError,
+    RotationTooEarlyError,
+    StoreError,
+    StoreUnavailableError,
+)
 from jwtauth.keys import KeyEntry, KeyPolicy, KeyStore
 from jwtauth.passwords import PasswordHasher
 from jwtauth.service import UserAdmin, normalise_email
-from jwtauth.store import Store
+from jwtauth.store import Store, open_store
 
 
 class CommandError(Exception):
@@ -86,6 +93,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"jwtauth: {exc.description if isinstance(exc, AuthError) else exc}", file=sys.stderr)
     except (ConfigError, KeyStoreError, StoreError) as exc:
         print(f"jwtauth: {exc}", file=sys.stderr)
+    except StoreUnavailableError as exc:
+        print(f"jwtauth: the database cannot answer now ({exc}); nothing was changed", file=sys.stderr)
     except UnicodeError:
         print("jwtauth: the input is not valid UTF-8 text", file=sys.stderr)
     except (EOFError, KeyboardInterrupt):
@@ -142,9 +151,19 @@ def read_new_password(from_stdin: bool) -> str:
     return password
 
 
-def manage_users(settings: Settings, args: argparse.Namespace) -> int:
-    store = Store(settings.db_path, settings.db_busy_timeout)
+def opened_store(settings: Settings) -> Store:
+    """The deployment's store, its schema brought up to date.
+
+    Raises:
+        StoreError: the database cannot be used.
+    """
+    store = open_store(settings)
     store.migrate()
+    return store
+
+
+def manage_users(settings: Settings, args: argparse.Namespace) -> int:
+    store = opened_store(settings)
     admin = UserAdmin(store, PasswordHasher(settings.argon2), time.time)
     if args.action == "add":
         user = admin.add_user(args.email, read_new_password(args.password_stdin), args.name)
@@ -169,22 +188,20 @@ def manage_users(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def manage_database(settings: Settings, args: argparse.Namespace) -> int:
-    if not settings.db_path.exists():
-        raise CommandError(f"no database at {settings.db_path}")
-    store = Store(settings.db_path, settings.db_busy_timeout)
+    store = open_store(settings)
     if args.action == "backup":
         store.backup(Path(args.path))
-        print(f"backed up {settings.db_path} to {args.path}")
+        print(f"backed up {settings.database} to {args.path}")
         return 0
-    problems = store.check_integrity()
+    problems = store.check()
     for problem in problems:
         print(problem, file=sys.stderr)
-    print("ok" if not problems else f"{len(problems)} problems in {settings.db_path}")
+    print("ok" if not problems else f"{len(problems)} problems in {settings.database}")
     return 1 if problems else 0
 
 
 def manage_keys(settings: Settings, args: argparse.Namespace) -> int:
-    keystore = KeyStore.from_settings(settings)
+    keystore = KeyStore.from_settings(settings, opened_store(settings).key_repository())
     now = int(time.time())
     keyset = keystore.load_or_create(now)
     if args.action == "rotate":
@@ -226,7 +243,7 @@ def key_row(entry: KeyEntry, policy: KeyPolicy) -> dict[str, object]:
     return row
 
 
-def _iso(timestamp: int) -> str:
+def _iso(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, UTC).isoformat().replace("+00:00", "Z")
 
 

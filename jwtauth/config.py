@@ -22,7 +22,8 @@ OVERRIDABLE = (
     "DATABASE", "KEYS_DIR", "ISSUER", "AUDIENCE", "ACCESS_TTL", "REFRESH_TTL", "REFRESH_REUSE_INTERVAL",
     "LEEWAY", "KEY_SIZE", "KEY_ROTATE_EVERY", "JWKS_MAX_AGE", "ARGON2_TIME_COST", "ARGON2_MEMORY_KIB",
     "ARGON2_PARALLELISM", "LOGIN_MAX_FAILURES", "LOGIN_WINDOW", "LOGIN_MAX_FAILURES_PER_ADDRESS",
-    "TRUSTED_PROXIES", "DB_BUSY_TIMEOUT_MS", "HASH_CONCURRENCY", "OPEN_REGISTRATION", "PASSWORD_GRANT",
+    "LOGIN_MAX_FAILURES_PER_ACCOUNT", "MAX_SESSIONS_PER_USER", "TRUSTED_PROXIES", "DB_BUSY_TIMEOUT_MS",
+    "DB_POOL_SIZE", "HASH_CONCURRENCY", "OPEN_REGISTRATION", "PASSWORD_GRANT",
 )  # fmt: skip
 _MAX_NUMBER = 1_000_000_000  # no setting needs more; far below what overflows SQLite or a timestamp
 CLIENT_ID = "jwtauth"  # the first-party client every token is issued to (RFC 9068 §2.2 client_id)
@@ -32,7 +33,7 @@ CLIENT_ID = "jwtauth"  # the first-party client every token is issued to (RFC 90
 class Settings:
     """The configuration of one server or CLI run; built by from_env, overridden with dataclasses.replace."""
 
-    db_path: Path = Path("jwtauth.db")
+    database: str = "jwtauth.db"  # a SQLite file, or a postgresql:// URL
     keys_dir: Path = Path("keys")
     keys_passphrase: bytes | None = field(default=None, repr=False)
     issuer: str = "http://127.0.0.1:8000"
@@ -48,8 +49,11 @@ class Settings:
     login_max_failures: int = 5
     login_window: int = 900
     login_max_failures_per_address: int = 50  # across all emails: a ceiling on credential stuffing
+    login_max_failures_per_account: int = 100  # across all addresses: a ceiling on a botnet's guesses
+    max_sessions_per_user: int = 100  # a login beyond ends the user's oldest session
     trusted_proxies: tuple[IPNetwork, ...] = ()  # peers whose X-Forwarded-For is believed
-    db_busy_timeout: float = 10.0  # seconds a write waits for other writers before answering 503
+    db_busy_timeout: float = 10.0  # seconds a write waits for other writers (or a row lock) before answering 503
+    db_pool_size: int = 4  # PostgreSQL connections per process
     hash_concurrency: int = field(default_factory=lambda: len(os.sched_getaffinity(0)))  # Argon2 at once
     open_registration: bool = False
     password_grant: bool = False
@@ -80,7 +84,7 @@ class Settings:
         )
         passphrase = env.get("JWTAUTH_KEYS_PASSPHRASE")
         return cls(
-            db_path=Path(reader.text("DATABASE", str(defaults.db_path))),
+            database=reader.text("DATABASE", defaults.database),
             keys_dir=Path(reader.text("KEYS_DIR", str(defaults.keys_dir))),
             keys_passphrase=passphrase.encode() if passphrase else None,
             issuer=reader.text("ISSUER", defaults.issuer).rstrip("/"),
@@ -98,8 +102,13 @@ class Settings:
             login_max_failures_per_address=reader.number(
                 "LOGIN_MAX_FAILURES_PER_ADDRESS", defaults.login_max_failures_per_address, minimum=1
             ),
+            login_max_failures_per_account=reader.number(
+                "LOGIN_MAX_FAILURES_PER_ACCOUNT", defaults.login_max_failures_per_account, minimum=1
+            ),
+            max_sessions_per_user=reader.number("MAX_SESSIONS_PER_USER", defaults.max_sessions_per_user, minimum=1),
             trusted_proxies=reader.networks("TRUSTED_PROXIES"),
             db_busy_timeout=reader.number("DB_BUSY_TIMEOUT_MS", int(defaults.db_busy_timeout * 1000)) / 1000,
+            db_pool_size=reader.number("DB_POOL_SIZE", defaults.db_pool_size, minimum=1),
             hash_concurrency=reader.number("HASH_CONCURRENCY", defaults.hash_concurrency, minimum=1),
             open_registration=reader.flag("OPEN_REGISTRATION", defaults.open_registration),
             password_grant=reader.flag("PASSWORD_GRANT", defaults.password_grant),

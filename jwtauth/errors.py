@@ -37,7 +37,7 @@ class InvalidTokenError(AuthError):
     error, status_code = "invalid_token", 401
 
 
-class ConflictError(AuthError):
+class EmailTakenError(AuthError):
     """An email that is already registered."""
 
     error, status_code = "email_taken", 409
@@ -72,13 +72,18 @@ class SlowDownError(AuthError):
 
 
 class TemporarilyUnavailableError(AuthError):
-    """The database stayed locked by other writers for the whole busy timeout (RFC 6749 §4.1.2.1)."""
+    """The database is out of reach or stayed locked too long, or logins queue up (RFC 6749 §4.1.2.1)."""
 
     error, status_code, retry_after = "temporarily_unavailable", 503, 1
 
 
-class WouldBlockError(Exception):
-    """A write that would have to wait for another writer's lock; raised instead when asked not to wait."""
+class StoreUnavailableError(Exception):
+    """The database cannot answer now (unreachable, or locked past the busy timeout); nothing was done.
+    Raised by every storage backend alike; the service answers it with TemporarilyUnavailableError."""
+
+
+class ConflictError(Exception):
+    """A row that would break a uniqueness rule (a taken email); raised by every storage backend alike."""
 
 
 class ConfigError(Exception):
@@ -90,7 +95,7 @@ class KeyStoreError(Exception):
 
 
 class StoreError(Exception):
-    """The database cannot be opened or migrated; the server does not start."""
+    """The database cannot be opened, migrated, backed up or copied; the server or the command stops."""
 
 
 class RotationTooEarlyError(KeyStoreError):

@@ -46,7 +46,16 @@ class Metrics:
         self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         self._event_counters: dict[str, list[Any]] = {}
         self._state = CollectorRegistry()
-        self._state.register(_State(service))
+        self._state.register(_State(self))
+        self.live_sessions: int | None = None  # counted in the background (count_sessions), never per scrape
+
+    def count_sessions(self) -> None:
+        """Count the live sessions now: the app's maintenance does it every few seconds.
+
+        Raises:
+            StoreUnavailableError: the database cannot answer now.
+        """
+        self.live_sessions = self.service.store.count_live_sessions(self.service.clock())
 
     def count_event(self, event: str) -> None:
         """Hooked to the service: every audit event."""
@@ -82,15 +91,16 @@ class Metrics:
 
 
 class _State(Collector):
-    """Gauges read at scrape time, the same from any worker: sessions in the database, the key schedule."""
+    """Gauges of the moment, the same from any worker: sessions (as last counted), the key schedule."""
 
-    def __init__(self, service: AuthService) -> None:
-        self.service = service
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
 
     def collect(self) -> Iterator[Metric]:
-        service, now = self.service, self.service.now()
+        service, now = self.metrics.service, self.metrics.service.now()
         sessions = GaugeMetricFamily("jwtauth_active_sessions", "Sessions with a live refresh token.")
-        sessions.add_metric([], service.store.count_live_sessions(now))
+        if self.metrics.live_sessions is not None:
+            sessions.add_metric([], self.metrics.live_sessions)
         current = service.keyset.current
         age = GaugeMetricFamily("jwtauth_signing_key_age_seconds", "Since the current key began to sign.")
         age.add_metric([], now - (current.activated_at or current.created_at))

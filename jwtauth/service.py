@@ -2,25 +2,36 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import re
+import secrets
 import time
 import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ParamSpec, TypeVar
 
 from jwtauth.config import CLIENT_ID, Settings
-from jwtauth.errors import InvalidGrantError, InvalidRequestError, InvalidTokenError, SlowDownError
+from jwtauth.errors import (
+    ConflictError,
+    EmailTakenError,
+    InvalidGrantError,
+    InvalidRequestError,
+    InvalidTokenError,
+    SlowDownError,
+    StoreUnavailableError,
+    TemporarilyUnavailableError,
+)
 from jwtauth.keys import KeyStore
 from jwtauth.passwords import COMMON_PASSWORDS, MAX_PASSWORD_LENGTH, MIN_PASSWORD_LENGTH, PasswordHasher
-from jwtauth.store import Rotation, Store, User
+from jwtauth.sessions import FRESH_BYTES, Decision, RotationPolicy, SessionState, decide_rotation, was_issued
+from jwtauth.store import Store, User
 from jwtauth.tokens import (
     AccessClaims,
-    family_of_refresh_token,
     hash_refresh_token,
     new_family_id,
-    new_refresh_token,
     new_session_id,
     new_token_id,
     sign_access_token,
@@ -28,6 +39,8 @@ from jwtauth.tokens import (
 )
 
 log = logging.getLogger("jwtauth.audit")
+P = ParamSpec("P")
+T = TypeVar("T")
 
 MAX_EMAIL_LENGTH = 254  # RFC 5321 §4.5.3.1.3, less the angle brackets
 MAX_NAME_LENGTH = 200
@@ -39,6 +52,19 @@ def audit(event: str, **fields: object) -> None:
     """Log one audit event as `event key=value ...`; the fields go along as `extra` for structured logs.
     Never pass a password or a token."""
     log.info(" ".join([event, *(f"{key}={value}" for key, value in fields.items())]), extra={"event": event, **fields})
+
+
+def answers_store_errors(method: Callable[P, T]) -> Callable[P, T]:
+    """Answer a database that cannot answer now with 503 temporarily_unavailable (and Retry-After)."""
+
+    @functools.wraps(method)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return method(*args, **kwargs)
+        except StoreUnavailableError as exc:
+            raise TemporarilyUnavailableError("the database is unavailable; try again shortly") from exc
+
+    return wrapper
 
 
 def normalise_email(email: str) -> str:
@@ -86,31 +112,43 @@ class AuthService:
         self.hasher = hasher
         self.clock = clock
         self.on_event = on_event  # told the name of every audit event, e.g. to count it
+        self.policy = RotationPolicy(settings.refresh_reuse_interval, settings.refresh_ttl)
 
     def now(self) -> int:
         return int(self.clock())
+
+    async def run(self, work: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Call a method that uses the store, for a caller on the event loop (Store.run)."""
+        return await self.store.run(functools.partial(work, *args, **kwargs))
 
     def _audit(self, event: str, **fields: object) -> None:
         audit(event, **fields)
         self.on_event(event)
 
+    @answers_store_errors
     def login(self, email: str, password: str, address: str) -> TokenPair:
         """Check the credentials of a client at `address` and start a session; blocking (one Argon2 verify).
 
         Raises:
-            SlowDownError: too many failures for this email from this address, or from this address at all;
-                no password is checked.
+            SlowDownError: too many failures for this email from this address, from this address at all,
+                or for this email from anywhere but the address of its last successful login; no password
+                is checked.
             InvalidGrantError: unknown email, wrong password or disabled user, all alike.
+            TemporarilyUnavailableError: the database cannot answer now.
         """
         email = normalise_email(email)
+        user = self.store.find_user_by_email(email)
         # Unknown emails are counted like known ones, so that a 429 tells nothing about who has an account.
         pair_key, address_key = _throttle_key(email, address), _throttle_key("", address)
         limits = {pair_key: self.settings.login_max_failures, address_key: self.settings.login_max_failures_per_address}
+        if user is None or user.last_login_key != address_key:  # failures elsewhere cannot lock the owner out
+            limits[_throttle_key(email, "\x01account")] = self.settings.login_max_failures_per_account
         self._take_attempt(limits, "login_throttled", address)
-        pair = self._check_credentials(email, password)
-        self.store.forgive_login_attempt(reset=pair_key, release=address_key)
+        pair = self._check_credentials(user, password, address_key)
+        self.store.forgive_login_attempt(reset=pair_key, release=[key for key in limits if key != pair_key])
         return pair
 
+    @answers_store_errors
     def register(self, email: str, password: str, name: str, address: str) -> User:
         """Create an account (open registration); blocking (one Argon2 hash).
 
@@ -121,7 +159,8 @@ class AuthService:
         Raises:
             SlowDownError: too many attempts from this address.
             InvalidRequestError: a bad address, or a password too short, too long or too common.
-            ConflictError: the email is taken.
+            EmailTakenError: the email is taken.
+            TemporarilyUnavailableError: the database cannot answer now.
         """
         limits = {_throttle_key("\x01registration", address): self.settings.login_max_failures_per_address}
         self._take_attempt(limits, "registration_throttled", address)
@@ -135,8 +174,7 @@ class AuthService:
             self._audit(throttled_event, address=address)
             raise SlowDownError(retry_after)
 
-    def _check_credentials(self, email: str, password: str) -> TokenPair:
-        user = self.store.find_user_by_email(email)
+    def _check_credentials(self, user: User | None, password: str, address_key: str) -> TokenPair:
         if user is None:
             self.hasher.verify_dummy(password)  # as long as a wrong password takes
             self._audit("login_failed", reason="unknown_email")
@@ -146,92 +184,105 @@ class AuthService:
             raise InvalidGrantError(BAD_CREDENTIALS)
         if self.hasher.needs_rehash(user.password_hash):
             self.store.set_password_hash(user.id, self.hasher.hash(password), self.now())
-        pair = self._start_session(user)
+        pair = self._start_session(user, address_key)
         self._audit("login_succeeded", user=user.id)
         return pair
 
-    def refresh(self, refresh_token: str, wait: bool = True) -> TokenPair:
-        """Rotate a refresh token: spend it and return a new pair in the same session (RFC 9700 §4.14.2).
+    @answers_store_errors
+    def refresh(self, refresh_token: str) -> TokenPair:
+        """Rotate a refresh token: spend it and return a new pair in the same session (RFC 9700 §4.14.2); a
+        token spent within the reuse interval gets the session's live refresh token (sessions.decide_rotation).
 
         Raises:
-            WouldBlockError: without `wait`, the database is locked by another writer; nothing was done.
-            InvalidGrantError: unknown, expired, revoked or disabled; or reused after the reuse interval,
-                which revokes the whole session.
+            InvalidGrantError: not a token of ours, unknown, expired, revoked or disabled; or reused after the
+                reuse interval, which revokes the whole session.
+            TemporarilyUnavailableError: the database cannot answer now.
         """
-        now = self.now()
-        ttl = self.settings.refresh_ttl
-        family, successor, rotation = family_of_refresh_token(refresh_token), "", Rotation("invalid")
-        if family is not None:  # else not a token of ours: no lookup, no lock
-            successor = new_refresh_token(family)
-            rotation = self.store.rotate_refresh_token(
-                family,
-                hash_refresh_token(refresh_token),
-                hash_refresh_token(successor),
-                now,
-                now + ttl,
-                self.settings.refresh_reuse_interval,
-                wait,
+        now = self.clock()
+        tokens = self.keyset.refresh_tokens
+        presented = tokens.read(refresh_token)
+        decision = Decision("invalid", "not_issued")  # made up, truncated or malformed: no lookup, no lock
+        if presented is not None:
+            fresh = secrets.token_bytes(FRESH_BYTES)
+            decision = self.store.rotate(
+                presented.family, lambda state: decide_rotation(state, presented, now, self.policy, tokens, fresh)
             )
-        user, session_id = rotation.user, rotation.session_id
-        if rotation.outcome in ("invalid", "reuse_detected") or user is None or session_id is None:
-            event = "refresh_reuse_detected" if rotation.outcome == "reuse_detected" else "refresh_failed"
-            self._audit(event, user=user.id if user else None, sid=session_id)  # reuse revoked the session
+        state, user = decision.state, decision.user
+        if decision.refresh_token is None or state is None or user is None:
+            event = "refresh_reuse_detected" if decision.outcome == "reuse_detected" else "refresh_failed"
+            self._audit(event, user=user.id if user else None, sid=state.id if state else None, reason=decision.reason)
             raise InvalidGrantError("the refresh token is invalid, expired or revoked")
-        self._audit("refresh", user=user.id, sid=session_id, outcome=rotation.outcome)
-        return TokenPair(self._access_token(user, session_id, now), self.settings.access_ttl, successor, ttl)
+        self._audit("refresh", user=user.id, sid=state.id, outcome=decision.outcome)
+        access_token = self._access_token(user, state.id, int(now))
+        return TokenPair(access_token, self.settings.access_ttl, decision.refresh_token, round(state.expires_at - now))
 
+    @answers_store_errors
     def revoke(self, token: str) -> None:
         """Revoke the session of a refresh token or of a valid access token; anything else is ignored
-        (RFC 7009 §2.2: the client cannot act on it)."""
-        family = family_of_refresh_token(token)
-        session_id = self.store.find_refresh_session(family, hash_refresh_token(token)) if family else None
-        if session_id is None:
+        (RFC 7009 §2.2: the client cannot act on it).
+
+        Raises:
+            TemporarilyUnavailableError: the database cannot answer now.
+        """
+        presented = self.keyset.refresh_tokens.read(token)
+        session = self.store.find_session(presented.family) if presented else None
+        if presented is not None and session is not None and was_issued(session, presented):
+            session_id = session.id
+        else:
             try:
                 session_id = self._verify(token)["sid"]
             except InvalidTokenError:
                 self._audit("revoke_ignored")
                 return
-        if self.store.revoke_session(session_id, self.now()):
+        if self.store.revoke_session(session_id, self.clock()):
             self._audit("revoke", sid=session_id)
 
+    @answers_store_errors
     def logout(self, access_token: str, scope: str) -> None:
         """End the bearer's session (`local`) or every session of its user (`global`).
 
         Raises:
             InvalidTokenError: the access token is rejected.
             InvalidRequestError: scope is neither local nor global.
+            TemporarilyUnavailableError: the database cannot answer now.
         """
         if scope not in ("local", "global"):
             raise InvalidRequestError("scope must be local or global")
         claims, user = self.authenticate(access_token)
         if scope == "local":
-            self.store.revoke_session(claims["sid"], self.now())
+            self.store.revoke_session(claims["sid"], self.clock())
         else:
-            self.store.revoke_user_sessions(user.id, self.now())
+            self.store.revoke_user_sessions(user.id, self.clock())
         self._audit("logout", user=user.id, sid=claims["sid"], scope=scope)
 
     def maintain_keys(self) -> None:
         """Pick up a key set changed by another process, rotate on schedule, prune; once a second.
 
         Raises:
-            KeyStoreError: the set on disk cannot be read; the one in use stays.
+            KeyStoreError: the set cannot be read; the one in use stays.
         """
         self.keyset = self.keystore.maintain(self.keyset, self.now())
 
     def clean_up(self) -> None:
-        """Delete expired refresh tokens, and sessions that are over: revoked for longer than an access
-        token lives (so nothing can still refer to them), or without a live refresh token."""
-        now = self.now()
-        revoked_before = now - self.settings.access_ttl - self.settings.leeway
-        tokens, sessions = self.store.delete_expired(now, revoked_before, now - self.settings.login_window)
-        if tokens or sessions:
-            log.debug("deleted %d expired refresh tokens and %d ended sessions", tokens, sessions)
+        """Delete sessions that are over: expired, or revoked for longer than an access token lives (so that
+        nothing can still refer to them); and login-attempt windows that have passed.
 
+        Raises:
+            StoreUnavailableError: the database cannot answer now.
+        """
+        now = self.clock()
+        revoked_before = now - self.settings.access_ttl - self.settings.leeway
+        sessions = self.store.delete_expired(now, revoked_before, self.now() - self.settings.login_window)
+        if sessions:
+            log.debug("deleted %d ended sessions", sessions)
+
+    @answers_store_errors
     def authenticate(self, access_token: str) -> tuple[AccessClaims, User]:
         """Verify a bearer access token and return its claims and user.
 
         Raises:
             InvalidTokenError: the token fails verification, or its session is revoked or its user disabled.
+            TemporarilyUnavailableError: the database cannot answer now.
         """
         claims = self._verify(access_token)
         user = self.store.find_session_user(claims["sid"])
@@ -249,16 +300,15 @@ class AuthService:
             now=self.clock(),
         )
 
-    def _start_session(self, user: User) -> TokenPair:
-        now = self.now()
-        session_id, family = new_session_id(), new_family_id()
-        refresh_token = new_refresh_token(family)
-        refresh_ttl = self.settings.refresh_ttl
-        token_hash = hash_refresh_token(refresh_token)
-        self.store.start_session(session_id, family, user.id, token_hash, now, now + refresh_ttl)
-        return TokenPair(
-            self._access_token(user, session_id, now), self.settings.access_ttl, refresh_token, refresh_ttl
-        )
+    def _start_session(self, user: User, address_key: str) -> TokenPair:
+        now = self.clock()
+        family, ttl = new_family_id(), self.settings.refresh_ttl
+        refresh_token = self.keyset.refresh_tokens.mint(family, 0, secrets.token_bytes(32))
+        session = SessionState(new_session_id(), family, user, now, 0, hash_refresh_token(refresh_token), now + ttl)
+        ended = self.store.start_session(session, self.settings.max_sessions_per_user, address_key)
+        if ended:
+            self._audit("sessions_capped", user=user.id, count=ended)
+        return TokenPair(self._access_token(user, session.id, int(now)), self.settings.access_ttl, refresh_token, ttl)
 
     def _access_token(self, user: User, session_id: str, now: int) -> str:
         claims = AccessClaims(
@@ -293,11 +343,14 @@ class UserAdmin:
 
         Raises:
             InvalidRequestError: a bad address or a password too short or too long.
-            ConflictError: the email is taken.
+            EmailTakenError: the email is taken.
         """
         email, name = check_email(email), check_name(name)
         check_password(password)
-        user = self.store.add_user(email, name, self.hasher.hash(password), self.now())
+        try:
+            user = self.store.add_user(email, name, self.hasher.hash(password), self.now())
+        except ConflictError:
+            raise EmailTakenError("a user with this email exists") from None
         audit("user_added", user=user.id)
         return user
 

@@ -5,15 +5,21 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import hmac
 import json
 import re
 import secrets
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypedDict, cast
 
 import jwt
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from jwt.algorithms import RSAAlgorithm
 
 from jwtauth.errors import InvalidTokenError
@@ -21,6 +27,10 @@ from jwtauth.errors import InvalidTokenError
 ALGORITHM = "RS256"
 ACCESS_TOKEN_TYPES = ("at+jwt", "application/at+jwt")  # RFC 9068 §4: compared case-insensitively
 _FAMILY_ID = re.compile(r"[A-Za-z0-9_-]{22}")  # secrets.token_urlsafe(16)
+_SECRET = re.compile(r"[A-Za-z0-9_-]{43}")  # 256 bits, base64url without padding
+_GENERATION = re.compile(r"0|[1-9][0-9]{0,17}")
+_MAC = re.compile(r"[A-Za-z0-9_-]{22}")  # 128 bits
+ASCII_WHITESPACE = " \t\r\n"  # ignored around a presented refresh token (API.md)
 REQUIRED_CLAIMS = ["iss", "sub", "aud", "exp", "iat", "nbf", "jti", "client_id", "sid"]
 MIN_KEY_BITS = 2048  # RFC 7518 §3.3: RS256 keys of 2048 bits or more
 
@@ -165,24 +175,87 @@ def new_family_id() -> str:
     return secrets.token_urlsafe(16)
 
 
-def new_refresh_token(family_id: str) -> str:
-    """Return a new opaque refresh token, `<family id>.<256 bits from secrets>`, URL-safe.
+@dataclass(frozen=True, slots=True)
+class PresentedToken:
+    """A refresh token as a client presented it: one this server issued (its MAC checks out), not yet
+    checked against its session. `generation` is None for a token of the format from before
+    generations (`<family>.<secret>`), which has no MAC and is good only while it is its session's live one."""
 
-    Only its hash is stored. The family id in it lets a replay of a long-spent token still be told
-    from a made-up one, so that it revokes its session (RFC 9700 §4.14.2).
+    text: str
+    family: str
+    generation: int | None
+
+    @property
+    def hash(self) -> str:
+        return hash_refresh_token(self.text)
+
+
+class RefreshTokens:
+    """The refresh-token format, under the server's refresh secret (every worker and node shares it).
+
+    A token is `<family>.<generation>.<secret>.<mac>`: the session's family id (128 bits), the number of
+    rotations since the login, 256 bits from `secrets`, and an HMAC-SHA-256 (truncated to 128 bits) of
+    the rest under a key derived from the server's secret. The MAC lets the server recognise every token it
+    issued, spent or live, without keeping it; a made-up or truncated secret after a real prefix fails it.
+    A successor is sealed (AES-256-GCM) under a key derived from its parent token's text, which the
+    database never holds: only the holder of the parent can open it.
     """
-    return f"{family_id}.{secrets.token_urlsafe(32)}"
 
+    def __init__(self, secret: bytes) -> None:
+        self._mac_key = _derive(secret, b"jwtauth refresh-token mac")
+        self._seal_salt = _derive(secret, b"jwtauth refresh-token seal")
 
-def family_of_refresh_token(token: str) -> str | None:
-    """Return the family id that a refresh token names, if it names a well-formed one."""
-    prefix, dot, _ = token.partition(".")
-    return prefix if dot and _FAMILY_ID.fullmatch(prefix) else None
+    def mint(self, family: str, generation: int, secret: bytes) -> str:
+        """Return the token of `family` at `generation` whose secret part is `secret` (32 random bytes)."""
+        body = f"{family}.{generation}.{_b64(secret)}"
+        return f"{body}.{self._mac(body)}"
+
+    def read(self, text: str) -> PresentedToken | None:
+        """Read a presented token, ASCII white space around it ignored: None unless it is well-formed and
+        either carries this server's MAC (compared in constant time) or has the format from before
+        generations. A made-up token therefore never reaches the database."""
+        text = text.strip(ASCII_WHITESPACE)
+        parts = text.split(".")
+        if not _FAMILY_ID.fullmatch(parts[0]):
+            return None
+        if len(parts) == 2 and _SECRET.fullmatch(parts[1]):
+            return PresentedToken(text, parts[0], None)
+        if len(parts) != 4 or not (_GENERATION.fullmatch(parts[1]) and _SECRET.fullmatch(parts[2])
+                                   and _MAC.fullmatch(parts[3])):  # fmt: skip
+            return None
+        if not hmac.compare_digest(self._mac(text.rpartition(".")[0]), parts[3]):
+            return None
+        return PresentedToken(text, parts[0], int(parts[1]))
+
+    def seal(self, parent: str, successor: str, nonce: bytes) -> bytes:
+        """Return `successor` encrypted under a key derived from `parent`: nonce + AES-GCM ciphertext."""
+        return nonce + AESGCM(self._sealing_key(parent)).encrypt(nonce, successor.encode(), None)
+
+    def open(self, parent: str, sealed: bytes) -> str | None:
+        """Return the successor sealed under `parent`, or None if `parent` is not the token it was sealed for."""
+        try:
+            return AESGCM(self._sealing_key(parent)).decrypt(sealed[:12], sealed[12:], None).decode()
+        except (InvalidTag, ValueError):
+            return None
+
+    def _mac(self, body: str) -> str:
+        return _b64(hmac.digest(self._mac_key, body.encode(), "sha256")[:16])
+
+    def _sealing_key(self, parent: str) -> bytes:
+        return HKDF(hashes.SHA256(), 32, salt=self._seal_salt, info=b"jwtauth sealed successor").derive(parent.encode())
 
 
 def hash_refresh_token(token: str) -> str:
     """Return the SHA-256 hex digest under which a refresh token is stored."""
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _derive(secret: bytes, purpose: bytes) -> bytes:
+    return HKDF(hashes.SHA256(), 32, salt=None, info=purpose).derive(secret)
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
 def new_token_id() -> str:

@@ -51,7 +51,7 @@ CATEGORIES = (  # first match wins; matched against "function (file:line)" frame
     ("RS256 (PyJWT + cryptography)", ("jwt/algorithms.py", "cryptography/")),
     ("PyJWT outside the RSA operation", ("jwt/",)),
     ("Argon2", ("argon2/",)),
-    ("SQLite (jwtauth/store.py, sqlite3)", ("jwtauth/store.py", "sqlite3/", "sqlite_utils/")),
+    ("SQLite (jwtauth/store/, sqlite3)", ("jwtauth/store/", "sqlite3/")),
     ("logging", ("logging/",)),
     ("anyio threads (to_thread hand-off)", ("anyio/", "concurrent/futures", "threading.py", "queue.py")),
     ("Starlette routing, requests, responses", ("starlette/",)),

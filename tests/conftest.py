@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -10,10 +11,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import httpx2 as httpx
 import pytest
@@ -21,13 +22,13 @@ from starlette.testclient import TestClient
 
 from jwtauth.app import create_app
 from jwtauth.config import Settings
-from jwtauth.keys import KeyStore
+from jwtauth.keys import FileKeyRepository, KeyStore
 from jwtauth.passwords import PasswordHasher
 from jwtauth.service import UserAdmin
-from jwtauth.store import Store
+from jwtauth.store import open_store
 
 # Cheap Argon2, set the way users set it: through the environment.
-DATA_TABLES = ("users", "sessions", "refresh_tokens")
+DATA_TABLES = ("users", "sessions")
 CHEAP_ARGON2 = {
     "JWTAUTH_ARGON2_TIME_COST": "1",
     "JWTAUTH_ARGON2_MEMORY_KIB": "8",
@@ -48,7 +49,7 @@ class Account:
 def keys_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A key set made once per run; each test gets its own copy (RSA generation is slow)."""
     directory = tmp_path_factory.mktemp("template") / "keys"
-    KeyStore.from_settings(Settings(keys_dir=directory)).load_or_create(int(time.time()))
+    KeyStore.from_settings(Settings(), FileKeyRepository(directory)).load_or_create(int(time.time()))
     return directory
 
 
@@ -76,7 +77,7 @@ def client(settings: Settings) -> Iterator[TestClient]:
 
 
 def add_user(settings: Settings, email: str, password: str = PASSWORD, name: str = "") -> Account:
-    store = Store(settings.db_path)
+    store = open_store(settings)
     store.migrate()
     user = UserAdmin(store, PasswordHasher(settings.argon2)).add_user(email, password, name)
     store.close()
@@ -95,11 +96,26 @@ def login(client: TestClient | httpx.Client, email: str, password: str = PASSWOR
     return body
 
 
-def table_counts(db_path: Path) -> dict[str, int]:
-    """Users, sessions and refresh tokens, read straight from the SQLite file: to show that a rejected
-    request wrote none. (Login-attempt counters are meant to change on failures; tests/test_throttle.py.)"""
-    with sqlite3.connect(db_path) as conn:
-        return {table: conn.execute(f"select count(*) from {table}").fetchone()[0] for table in DATA_TABLES}
+def query(database: str | Path, sql: str, parameters: Sequence[object] = ()) -> list[tuple[Any, ...]]:
+    """The rows of one query, read straight from the database (not through jwtauth)."""
+    with contextlib.closing(sqlite3.connect(database)) as conn:
+        return conn.execute(sql, parameters).fetchall()
+
+
+def database_contents(database: str | Path) -> bytes:
+    """Everything a copy of the database holds: its files' bytes (free pages and the WAL included) and
+    every value of every table as text; to search for what must never be stored."""
+    files = b"".join(
+        Path(f"{database}{suffix}").read_bytes() for suffix in ("", "-wal") if Path(f"{database}{suffix}").exists()
+    )
+    with contextlib.closing(sqlite3.connect(database)) as conn:
+        return files + "\n".join(conn.iterdump()).encode()
+
+
+def table_counts(database: str | Path) -> dict[str, int]:
+    """Users and sessions, read straight from the database: to show that a rejected request wrote none.
+    (Login-attempt counters are meant to change on failures; tests/test_throttle.py.)"""
+    return {table: query(database, f"select count(*) from {table}")[0][0] for table in DATA_TABLES}
 
 
 def free_port() -> int:

@@ -19,9 +19,9 @@ from jwtauth.app import create_app
 from jwtauth.config import Settings
 from jwtauth.passwords import PasswordHasher
 from jwtauth.service import UserAdmin
-from jwtauth.store import Store
+from jwtauth.store import open_store
 
-from .conftest import PASSWORD, Account, Clock, add_user, bearer, login, table_counts
+from .conftest import PASSWORD, Account, Clock, add_user, bearer, login, query, table_counts
 
 TOKEN_FIELDS = {"access_token", "token_type", "expires_in", "refresh_token", "refresh_expires_in"}
 
@@ -55,9 +55,11 @@ def test_valid_credentials_get_a_token_pair(client: TestClient, alice: Account) 
     assert set(body) == TOKEN_FIELDS
     assert body["token_type"] == "Bearer"
     assert (body["expires_in"], body["refresh_expires_in"]) == (900, 2_592_000)
-    family, secret = body["refresh_token"].split(".")
+    family, generation, secret, mac = body["refresh_token"].split(".")
     assert len(family) == 22 and family not in body["access_token"]  # 128 bits, never shown elsewhere
-    assert len(base64.urlsafe_b64decode(secret + "=")) >= 32  # 256 bits
+    assert generation == "0"  # no rotation yet
+    assert len(base64.urlsafe_b64decode(secret + "=")) == 32  # 256 bits
+    assert len(base64.urlsafe_b64decode(mac + "==")) == 16
     assert response.headers["cache-control"] == "no-store"
     assert response.headers["pragma"] == "no-cache"
 
@@ -96,10 +98,10 @@ def test_blank_password_is_an_invalid_request(client: TestClient, alice: Account
 def test_missing_or_blank_fields_are_an_invalid_request(
     client: TestClient, alice: Account, settings: Settings, body: dict[str, object]
 ) -> None:
-    before = table_counts(settings.db_path)
+    before = table_counts(settings.database)
 
     assert_error(client.post("/login", json=body), 400, "invalid_request")
-    assert table_counts(settings.db_path) == before
+    assert table_counts(settings.database) == before
 
 
 @pytest.mark.parametrize(
@@ -115,22 +117,22 @@ def test_missing_or_blank_fields_are_an_invalid_request(
 def test_wrong_types_are_an_invalid_request(
     client: TestClient, alice: Account, settings: Settings, body: dict[str, object]
 ) -> None:
-    before = table_counts(settings.db_path)
+    before = table_counts(settings.database)
 
     assert_error(client.post("/login", json=body), 400, "invalid_request")
-    assert table_counts(settings.db_path) == before
+    assert table_counts(settings.database) == before
 
 
 @pytest.mark.parametrize("raw", [b"{", b"[]", b'"alice"', b"null", b"\xff\xfe", b'{"email": "a@b.c", }'])
 def test_malformed_json_is_an_invalid_request(
     client: TestClient, alice: Account, settings: Settings, raw: bytes
 ) -> None:
-    before = table_counts(settings.db_path)
+    before = table_counts(settings.database)
 
     response = client.post("/login", content=raw, headers={"content-type": "application/json"})
 
     assert_error(response, 400, "invalid_request")
-    assert table_counts(settings.db_path) == before
+    assert table_counts(settings.database) == before
 
 
 @pytest.mark.parametrize(
@@ -141,20 +143,20 @@ def test_oversized_or_nul_fields_are_an_invalid_request(
     client: TestClient, alice: Account, settings: Settings, field: str, value: str
 ) -> None:
     body = {"email": alice.email, "password": alice.password, field: value}
-    before = table_counts(settings.db_path)
+    before = table_counts(settings.database)
 
     assert_error(client.post("/login", json=body), 400, "invalid_request")
-    assert table_counts(settings.db_path) == before
+    assert table_counts(settings.database) == before
 
 
 def test_lone_surrogate_is_an_invalid_request(client: TestClient, alice: Account, settings: Settings) -> None:
     raw = b'{"email": "alice@example.com", "password": "\\ud800correct horse"}'
-    before = table_counts(settings.db_path)
+    before = table_counts(settings.database)
 
     response = client.post("/login", content=raw, headers={"content-type": "application/json"})
 
     assert_error(response, 400, "invalid_request")
-    assert table_counts(settings.db_path) == before
+    assert table_counts(settings.database) == before
 
 
 def test_form_encoded_login_works(client: TestClient, alice: Account) -> None:
@@ -166,22 +168,22 @@ def test_form_encoded_login_works(client: TestClient, alice: Account) -> None:
 
 def test_repeated_form_field_is_an_invalid_request(client: TestClient, alice: Account, settings: Settings) -> None:
     raw = f"email={alice.email}&password=x&password={alice.password}".encode()
-    before = table_counts(settings.db_path)
+    before = table_counts(settings.database)
 
     response = client.post("/login", content=raw, headers={"content-type": "application/x-www-form-urlencoded"})
 
     assert_error(response, 400, "invalid_request")
-    assert table_counts(settings.db_path) == before
+    assert table_counts(settings.database) == before
 
 
 def test_other_content_type_is_refused_with_415(client: TestClient, alice: Account, settings: Settings) -> None:
     raw = json.dumps({"email": alice.email, "password": alice.password}).encode()  # valid, but not declared
-    before = table_counts(settings.db_path)
+    before = table_counts(settings.database)
 
     response = client.post("/login", content=raw, headers={"content-type": "text/plain"})
 
     assert_error(response, 415, "invalid_request")
-    assert table_counts(settings.db_path) == before
+    assert table_counts(settings.database) == before
 
 
 def test_email_is_case_insensitive_at_login(client: TestClient, alice: Account) -> None:
@@ -189,7 +191,7 @@ def test_email_is_case_insensitive_at_login(client: TestClient, alice: Account) 
 
 
 def test_disabled_user_gets_invalid_grant(client: TestClient, alice: Account, settings: Settings) -> None:
-    store = Store(settings.db_path)
+    store = open_store(settings)
     UserAdmin(store, PasswordHasher(settings.argon2)).set_disabled(alice.email, True)
 
     response = client.post("/login", json={"email": alice.email, "password": alice.password})
@@ -200,12 +202,12 @@ def test_disabled_user_gets_invalid_grant(client: TestClient, alice: Account, se
 
 
 def test_failed_logins_write_nothing(client: TestClient, alice: Account, settings: Settings) -> None:
-    before = table_counts(settings.db_path)
+    before = table_counts(settings.database)
 
     client.post("/login", json={"email": alice.email, "password": "wrong password"})
     client.post("/login", json={"email": "nobody@example.com", "password": "wrong password"})
 
-    assert table_counts(settings.db_path) == before
+    assert table_counts(settings.database) == before
 
 
 def test_login_starts_a_session_with_a_hashed_refresh_token(
@@ -213,13 +215,10 @@ def test_login_starts_a_session_with_a_hashed_refresh_token(
 ) -> None:
     pair = login(client, alice.email)
 
-    with sqlite3.connect(settings.db_path) as conn:
-        hashes = [row[0] for row in conn.execute("select token_hash from refresh_tokens")]
-        sessions = conn.execute("select id, user_id from sessions").fetchall()
+    sessions = query(settings.database, "select id, user_id, token_hash from sessions")
     _, claims = decode_unverified(str(pair["access_token"]))
-    assert sessions == [(claims["sid"], alice.id)]
-    assert len(hashes) == 1
-    assert hashes[0] == hashlib.sha256(str(pair["refresh_token"]).encode()).hexdigest()
+    token_hash = hashlib.sha256(str(pair["refresh_token"]).encode()).hexdigest()
+    assert sessions == [(claims["sid"], alice.id, token_hash)]
 
 
 # Token shape (RFC 9068)
@@ -296,7 +295,7 @@ def test_userinfo_rejects_a_token_of_a_user_disabled_since(
     client: TestClient, alice: Account, settings: Settings
 ) -> None:
     token = login(client, alice.email)["access_token"]
-    UserAdmin(Store(settings.db_path), PasswordHasher(settings.argon2)).set_disabled(alice.email, True)
+    UserAdmin(open_store(settings), PasswordHasher(settings.argon2)).set_disabled(alice.email, True)
 
     response = client.get("/userinfo", headers={"Authorization": f"Bearer {token}"})
 
@@ -307,14 +306,14 @@ def test_userinfo_rejects_a_token_of_a_user_disabled_since(
 
 
 def test_password_grant_is_refused_by_default(client: TestClient, alice: Account, settings: Settings) -> None:
-    before = table_counts(settings.db_path)
+    before = table_counts(settings.database)
 
     response = client.post(
         "/token", data={"grant_type": "password", "username": alice.email, "password": alice.password}
     )
 
     assert_error(response, 400, "unsupported_grant_type")
-    assert table_counts(settings.db_path) == before
+    assert table_counts(settings.database) == before
 
 
 @pytest.fixture
@@ -385,8 +384,7 @@ def test_healthz_is_ok(client: TestClient) -> None:
 
 
 def test_healthz_is_503_when_the_database_is_unusable(client: TestClient, settings: Settings) -> None:
-    with sqlite3.connect(settings.db_path) as conn:
-        conn.execute("drop table refresh_tokens")
+    with sqlite3.connect(settings.database) as conn:
         conn.execute("drop table sessions")
         conn.execute("drop table users")
 
@@ -410,15 +408,15 @@ def test_wrong_method_is_a_json_405_with_allow(client: TestClient) -> None:
 
 
 def test_body_over_16_kib_is_413(client: TestClient, alice: Account, settings: Settings) -> None:
-    before = table_counts(settings.db_path)
+    before = table_counts(settings.database)
     body = {"email": alice.email, "password": alice.password, "padding": "x" * 16_384}
 
     assert_error(client.post("/login", json=body), 413, "invalid_request")
-    assert table_counts(settings.db_path) == before
+    assert table_counts(settings.database) == before
 
 
 def test_chunked_body_over_16_kib_without_length_is_413(client: TestClient, alice: Account, settings: Settings) -> None:
-    before = table_counts(settings.db_path)
+    before = table_counts(settings.database)
 
     def chunks() -> Iterator[bytes]:
         yield json.dumps({"email": alice.email, "password": alice.password}).encode()[:-1]
@@ -430,7 +428,7 @@ def test_chunked_body_over_16_kib_without_length_is_413(client: TestClient, alic
 
     assert "content-length" not in response.request.headers
     assert_error(response, 413, "invalid_request")
-    assert table_counts(settings.db_path) == before  # the credentials in it were never checked
+    assert table_counts(settings.database) == before  # the credentials in it were never checked
 
 
 def test_body_of_exactly_16_kib_is_accepted(client: TestClient, alice: Account) -> None:
@@ -449,7 +447,7 @@ def test_rehash_on_login_when_argon2_parameters_change(env: dict[str, str], tmp_
     stronger = Settings.from_env({**env, "JWTAUTH_ARGON2_TIME_COST": "2"})
 
     def stored_hash() -> str:
-        with sqlite3.connect(old.db_path) as conn:
+        with sqlite3.connect(old.database) as conn:
             value: str = conn.execute("select password_hash from users").fetchone()[0]
             return value
 

@@ -55,7 +55,7 @@ def unverified_claims(token: str) -> dict[str, Any]:
 
 def assert_rejected(client: TestClient, settings: Settings, authorization: str | None) -> None:
     """GET /userinfo with this Authorization header gets 401 invalid_token and writes nothing."""
-    before = table_counts(settings.db_path)
+    before = table_counts(settings.database)
     headers = {} if authorization is None else {"Authorization": authorization}
 
     response = client.get("/userinfo", headers=headers)
@@ -63,7 +63,7 @@ def assert_rejected(client: TestClient, settings: Settings, authorization: str |
     assert response.status_code == 401, response.text
     assert response.headers["www-authenticate"] == 'Bearer error="invalid_token"'
     assert response.json()["error"] == "invalid_token"
-    assert table_counts(settings.db_path) == before
+    assert table_counts(settings.database) == before
 
 
 @dataclass(frozen=True)

@@ -83,31 +83,31 @@ def test_password_stdin_strips_exactly_one_newline(env: dict[str, str]) -> None:
 @pytest.mark.parametrize("duplicate", ["carol@example.com", "CAROL@example.COM", " carol@example.com "])
 def test_duplicate_email_fails_and_writes_nothing(env: dict[str, str], duplicate: str) -> None:
     add(env, "carol@example.com")
-    before = table_counts(Path(env["JWTAUTH_DATABASE"]))
+    before = table_counts(env["JWTAUTH_DATABASE"])
 
     result = add(env, duplicate, "another password")
 
     assert_fails_cleanly(result, "exists")
-    assert table_counts(Path(env["JWTAUTH_DATABASE"])) == before
+    assert table_counts(env["JWTAUTH_DATABASE"]) == before
     assert can_log_in(env, "carol@example.com", PASSWORD)
 
 
 @pytest.mark.parametrize("address", ["carol", "carol@", "@example.com", "carol@example", "ca rol@example.com", ""])
 def test_bad_address_fails_and_writes_nothing(env: dict[str, str], address: str) -> None:
     add(env, "seed@example.com")
-    before = table_counts(Path(env["JWTAUTH_DATABASE"]))
+    before = table_counts(env["JWTAUTH_DATABASE"])
 
     assert_fails_cleanly(add(env, address), "email")
-    assert table_counts(Path(env["JWTAUTH_DATABASE"])) == before
+    assert table_counts(env["JWTAUTH_DATABASE"]) == before
 
 
 @pytest.mark.parametrize("password", ["", "1234567", "p" * 1025])
 def test_short_or_long_password_fails_and_writes_nothing(env: dict[str, str], password: str) -> None:
     add(env, "seed@example.com")
-    before = table_counts(Path(env["JWTAUTH_DATABASE"]))
+    before = table_counts(env["JWTAUTH_DATABASE"])
 
     assert_fails_cleanly(add(env, "carol@example.com", password), "password")
-    assert table_counts(Path(env["JWTAUTH_DATABASE"])) == before
+    assert table_counts(env["JWTAUTH_DATABASE"]) == before
 
 
 def test_passwd_replaces_the_password(env: dict[str, str]) -> None:
@@ -260,10 +260,10 @@ def test_password_stdin_strips_one_crlf(env: dict[str, str]) -> None:
 
 def test_password_with_a_nul_fails_and_writes_nothing(env: dict[str, str]) -> None:
     add(env, "seed@example.com")
-    before = table_counts(Path(env["JWTAUTH_DATABASE"]))
+    before = table_counts(env["JWTAUTH_DATABASE"])
 
     assert_fails_cleanly(add(env, "carol@example.com", "correct\x00horse"), "password")
-    assert table_counts(Path(env["JWTAUTH_DATABASE"])) == before
+    assert table_counts(env["JWTAUTH_DATABASE"]) == before
 
 
 def test_password_stdin_that_is_not_utf8_fails_cleanly(env: dict[str, str]) -> None:
@@ -275,7 +275,7 @@ def test_password_stdin_that_is_not_utf8_fails_cleanly(env: dict[str, str]) -> N
 
     assert result.returncode == 1  # refused as undecodable, or (surrogateescape) as lone surrogates
     assert len(result.stderr.decode().strip().splitlines()) == 1 and b"Traceback" not in result.stderr
-    assert table_counts(Path(env["JWTAUTH_DATABASE"]))["users"] == 0
+    assert table_counts(env["JWTAUTH_DATABASE"])["users"] == 0
 
 
 def test_password_prompt_without_a_terminal_or_input_fails_cleanly(env: dict[str, str]) -> None:
@@ -287,7 +287,7 @@ def test_password_prompt_without_a_terminal_or_input_fails_cleanly(env: dict[str
 
     assert result.returncode == 1
     assert "Traceback" not in result.stderr and "nothing was changed" in result.stderr
-    assert table_counts(Path(env["JWTAUTH_DATABASE"]))["users"] == 0
+    assert table_counts(env["JWTAUTH_DATABASE"])["users"] == 0
 
 
 @pytest.mark.parametrize("port", ["0", "65536", "99999"])

@@ -15,8 +15,8 @@ from jwtauth.errors import ConfigError
 def test_defaults_are_the_contracts() -> None:
     settings = Settings.from_env({})
 
-    assert (settings.db_path, settings.keys_dir, settings.keys_passphrase) == (
-        Path("jwtauth.db"),
+    assert (settings.database, settings.keys_dir, settings.keys_passphrase) == (
+        "jwtauth.db",
         Path("keys"),
         None,
     )
@@ -31,6 +31,8 @@ def test_defaults_are_the_contracts() -> None:
     )  # fmt: skip
     assert settings.argon2 == argon2.profiles.get_default_parameters()
     assert (settings.login_max_failures, settings.login_window) == (5, 900)
+    assert (settings.login_max_failures_per_address, settings.login_max_failures_per_account) == (50, 100)
+    assert settings.max_sessions_per_user == 100
     assert not settings.open_registration and not settings.password_grant
 
 
@@ -43,15 +45,16 @@ def test_every_variable_is_read() -> None:
         "JWTAUTH_ARGON2_TIME_COST": "2", "JWTAUTH_ARGON2_MEMORY_KIB": "1024", "JWTAUTH_ARGON2_PARALLELISM": "2",
         "JWTAUTH_LOGIN_MAX_FAILURES": "3", "JWTAUTH_LOGIN_WINDOW": "60", "JWTAUTH_OPEN_REGISTRATION": "1",
         "JWTAUTH_PASSWORD_GRANT": "1", "JWTAUTH_LOGIN_MAX_FAILURES_PER_ADDRESS": "7",
-        "JWTAUTH_TRUSTED_PROXIES": "10.0.0.0/8, ::1",
+        "JWTAUTH_TRUSTED_PROXIES": "10.0.0.0/8, ::1", "JWTAUTH_LOGIN_MAX_FAILURES_PER_ACCOUNT": "9",
+        "JWTAUTH_MAX_SESSIONS_PER_USER": "4", "JWTAUTH_DB_POOL_SIZE": "6",
     })  # fmt: skip
 
     assert settings == Settings(
-        db_path=Path("/srv/a.db"), keys_dir=Path("/srv/keys"), keys_passphrase=b"s3cret",
+        database="/srv/a.db", keys_dir=Path("/srv/keys"), keys_passphrase=b"s3cret",
         issuer="https://auth.example.com", audience="api", access_ttl=60, refresh_ttl=600, refresh_reuse_interval=0,
         leeway=5, key_size=3072, key_rotate_every=86400, jwks_max_age=60,
         argon2=argon2.Parameters(argon2.Type.ID, 19, 16, 32, 2, 1024, 2), login_max_failures=3, login_window=60,
-        login_max_failures_per_address=7,
+        login_max_failures_per_address=7, login_max_failures_per_account=9, max_sessions_per_user=4, db_pool_size=6,
         trusted_proxies=(ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("::1")),
         open_registration=True, password_grant=True,
     )  # fmt: skip

@@ -14,7 +14,7 @@ from jwtauth.app import create_app
 from jwtauth.config import Settings
 from jwtauth.passwords import PasswordHasher
 from jwtauth.service import UserAdmin
-from jwtauth.store import Store
+from jwtauth.store import open_store
 
 from .conftest import add_user
 
@@ -30,7 +30,7 @@ def hashing(env: dict[str, str]) -> Iterator[tuple[TestClient, Settings]]:
     })  # fmt: skip
     add_user(settings, "alice@example.com")
     add_user(settings, "dora@example.com")
-    UserAdmin(Store(settings.db_path), PasswordHasher(settings.argon2)).set_disabled("dora@example.com", True)
+    UserAdmin(open_store(settings), PasswordHasher(settings.argon2)).set_disabled("dora@example.com", True)
     with TestClient(create_app(settings)) as client:
         yield client, settings
 

@@ -153,7 +153,7 @@ def test_an_unexpected_error_is_a_json_500_with_a_request_id_in_the_log(
 ) -> None:
     add_user(settings, "alice@example.com")
     with TestClient(create_app(settings)) as client:  # it would raise what the app let escape
-        with sqlite3.connect(settings.db_path) as conn:
+        with sqlite3.connect(settings.database) as conn:
             conn.execute("alter table users rename to lost")  # the database breaks under the running server
 
         response = client.post("/login", json={"email": "alice@example.com", "password": PASSWORD})
@@ -198,7 +198,7 @@ def test_a_write_waiting_for_another_writer_goes_on_when_the_lock_frees(env: dic
     add_user(settings, "alice@example.com")
     with TestClient(create_app(settings)) as client:
         pair = client.post("/login", json={"email": "alice@example.com", "password": PASSWORD}).json()
-        other_writer = sqlite3.connect(settings.db_path, check_same_thread=False)
+        other_writer = sqlite3.connect(settings.database, check_same_thread=False)
         other_writer.execute("begin immediate")
         release = threading.Timer(0.3, other_writer.rollback)
         started = time.monotonic()
@@ -218,7 +218,7 @@ def test_a_database_locked_past_the_busy_timeout_gets_503(env: dict[str, str]) -
     settings = Settings.from_env({**env, "JWTAUTH_DB_BUSY_TIMEOUT_MS": "200"})
     add_user(settings, "alice@example.com")
     with TestClient(create_app(settings)) as client:
-        other_writer = sqlite3.connect(settings.db_path)
+        other_writer = sqlite3.connect(settings.database)
         other_writer.execute("begin immediate")
         try:
             response = client.post("/login", json={"email": "alice@example.com", "password": PASSWORD})

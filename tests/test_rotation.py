@@ -294,7 +294,7 @@ def test_leftovers_of_an_interrupted_rotation_are_ignored_then_pruned(env: dict[
     assert entries(keys_dir) == before
     assert run_cli("keys", "prune", env=env).stdout.strip() == "deleted orphan"
     assert sorted(path.name for path in keys_dir.iterdir() if path.name != ".lock") == sorted(
-        [f"{entry['kid']}.pem" for entry in before] + ["keyset.json"]
+        [f"{entry['kid']}.pem" for entry in before] + ["keyset.json", "refresh.secret"]
     )
 
 

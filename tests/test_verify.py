@@ -101,7 +101,7 @@ def rejection(verifier: Verifier, token: str) -> str:
 
 @pytest.mark.parametrize("module", ["jwtauth.verify", "jwtauth.verify_starlette"])
 def test_verifying_loads_none_of_the_server(module: str) -> None:
-    server_only = ["sqlite3", "sqlite_utils", "argon2", "jwtauth.config", "jwtauth.store", "jwtauth.app"]
+    server_only = ["sqlite3", "psycopg", "argon2", "jwtauth.config", "jwtauth.store", "jwtauth.app"]
     if module == "jwtauth.verify":
         server_only.append("starlette")
     code = f"import sys, {module}; print(sorted(set({server_only!r}) & set(sys.modules)))"

@@ -1,0 +1,184 @@
+"""Storage: the `Store` protocol the service talks to, and `open_store`, which picks the backend.
+
+`JWTAUTH_DATABASE` is a file path (SQLite, one machine) or a `postgresql://` URL (PostgreSQL, any number of
+machines). Both backends implement the same domain operations and raise the same store-neutral errors
+(StoreUnavailableError, ConflictError); decisions, such as the rotation rule, live above them.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+from jwtauth.config import Settings
+from jwtauth.errors import StoreError
+from jwtauth.keys import KeyRepository
+from jwtauth.sessions import Decision, SessionState, SpentToken, User
+
+T = TypeVar("T")
+
+__all__ = ["Decision", "SessionState", "Snapshot", "Store", "User", "open_store"]
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Users and live sessions, as `jwtauth db copy-to` moves them from one database to another."""
+
+    users: Sequence[User]
+    sessions: Sequence[SessionState]
+
+
+class Store(Protocol):
+    """What jwtauth keeps in a database. Every method is one transaction; times are Unix seconds."""
+
+    def migrate(self) -> None:
+        """Create or upgrade the schema (once, however many processes start at the same moment).
+
+        Raises:
+            StoreError: the database cannot be opened, or is from a newer jwtauth.
+        """
+
+    def close(self) -> None:
+        """Give back this process's connections."""
+
+    def is_usable(self) -> bool:
+        """Whether the database answers a query now (for /healthz)."""
+
+    def check(self) -> list[str]:
+        """The problems a consistency check finds (schema, integrity, emails that collide); none if sound.
+
+        Raises:
+            StoreError: there is no database to check.
+            StoreUnavailableError: the database cannot be reached.
+        """
+
+    def backup(self, target: Path) -> None:
+        """Write a consistent copy of the database to `target`, while others go on using it.
+
+        Raises:
+            StoreError: the copy cannot be made.
+        """
+
+    def key_repository(self) -> KeyRepository:
+        """Where this deployment keeps its signing keys and refresh secret."""
+
+    async def run(self, work: Callable[[], T]) -> T:
+        """Run blocking `work` that uses this store for a caller on the event loop, in the way this backend
+        does it best (on the loop when that cannot block, else in a worker thread)."""
+
+    # Users
+
+    def add_user(self, email: str, name: str, password_hash: str, now: int) -> User:
+        """Insert a user with a new stable id.
+
+        Raises:
+            ConflictError: the email is taken.
+        """
+
+    def find_user_by_email(self, email: str) -> User | None:
+        """The user with this (normalised) email, or None."""
+
+    def find_user(self, user_id: str) -> User | None:
+        """The user with this id, or None."""
+
+    def list_users(self) -> list[User]:
+        """Every user, oldest first."""
+
+    def set_password_hash(self, user_id: str, password_hash: str, now: int) -> None:
+        """Store a new hash for the user (a changed password, or a re-hash with new parameters)."""
+
+    def set_user_disabled(self, user_id: str, is_disabled: bool, now: int) -> None:
+        """Disable or enable the user."""
+
+    # Sessions
+
+    def start_session(self, session: SessionState, max_sessions: int, address_key: str) -> int:
+        """Store a new session; end the user's oldest live sessions beyond `max_sessions`; remember
+        `address_key` as the user's last login address. Return how many sessions that ended."""
+
+    def rotate(self, family: str, decide: Callable[[SessionState | None], Decision]) -> Decision:
+        """Lock the session of `family`, call `decide` on its state (None if there is none), save what the
+        decision says (a rotated or a revoked session), commit, and return the decision. Concurrent calls
+        for one session, from any process or machine, are decided one after another.
+
+        Raises:
+            StoreUnavailableError: the lock could not be had within the busy timeout; nothing was done.
+        """
+
+    def find_session(self, family: str) -> SessionState | None:
+        """The session of `family`, revoked or not, or None."""
+
+    def revoke_session(self, session_id: str, now: float) -> int:
+        """Revoke one session; return how many this revoked (0 or 1)."""
+
+    def revoke_user_sessions(self, user_id: str, now: float) -> int:
+        """Revoke every live session of a user; return how many."""
+
+    def revoke_all_sessions(self, now: float) -> int:
+        """Revoke every live session; return how many."""
+
+    def find_session_user(self, session_id: str) -> User | None:
+        """The user of a session that exists and is not revoked, if that user is not disabled."""
+
+    def count_live_sessions(self, now: float) -> int:
+        """The number of sessions neither revoked nor expired (counts rows: not for every scrape)."""
+
+    def delete_expired(self, now: float, revoked_before: float, attempts_before: int) -> int:
+        """Delete sessions expired, or revoked before `revoked_before`, and login-attempt windows opened
+        before `attempts_before`, a batch at a time; return how many sessions were deleted."""
+
+    # Throttling
+
+    def take_login_attempt(self, limits: dict[str, int], now: int, window: int) -> int | None:
+        """Count one attempt under each key, unless a key has reached its limit in its current window.
+        Atomic: concurrent attempts from any number of processes never get past a limit. Return None if
+        the attempt may go on, else the seconds until the last window that blocks it ends."""
+
+    def forgive_login_attempt(self, reset: str, release: Sequence[str]) -> None:
+        """After a successful login: clear the count under `reset`, take back one attempt under each of
+        `release`."""
+
+    # Moving a deployment (jwtauth db copy-to)
+
+    def export(self, now: float) -> Snapshot:
+        """Every user and every live session."""
+
+    def import_(self, snapshot: Snapshot) -> None:
+        """Write a snapshot into a database that holds no users or sessions yet.
+
+        Raises:
+            StoreError: the database already holds jwtauth data; nothing was written.
+        """
+
+
+def open_store(settings: Settings) -> Store:
+    """The store that JWTAUTH_DATABASE names: a `postgresql://` (or `postgres://`) URL, else a SQLite file.
+
+    Raises:
+        StoreError: the database is not one this jwtauth can use.
+    """
+    if is_postgres_url(settings.database):
+        raise StoreError("PostgreSQL is not supported yet")
+    from jwtauth.store.sqlite import SqliteStore
+
+    return SqliteStore(Path(settings.database), settings.keys_dir, settings.db_busy_timeout)
+
+
+def is_postgres_url(database: str) -> bool:
+    return database.startswith(("postgresql://", "postgres://"))
+
+
+# The spent tokens of a session, as both backends store them: a JSON array of [generation, spent_at, sealed].
+
+
+def encode_spent(spent: Sequence[SpentToken]) -> str:
+    return json.dumps([[t.generation, t.spent_at, base64.b64encode(t.sealed_successor).decode()] for t in spent])
+
+
+def decode_spent(text: str) -> tuple[SpentToken, ...]:
+    rows: list[list[Any]] = json.loads(text)
+    return tuple(SpentToken(int(row[0]), float(row[1]), base64.b64decode(row[2])) for row in rows)

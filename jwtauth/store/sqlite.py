@@ -1,0 +1,529 @@
+"""The SQLite backend: every SQL statement for one machine's database file.
+
+WAL mode; one connection per thread; a write takes the write lock up front (BEGIN IMMEDIATE), so concurrent
+writers in any process wait for it instead of failing half way; a write that other writers keep waiting for
+longer than the busy timeout fails with StoreUnavailableError.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import anyio.to_thread
+
+from jwtauth.errors import ConflictError, StoreError, StoreUnavailableError
+from jwtauth.keys import FileKeyRepository, KeyRepository
+from jwtauth.sessions import Decision, SessionState, User
+from jwtauth.store import Snapshot, decode_spent, encode_spent
+
+T = TypeVar("T")
+
+# Each entry moves the schema one version up; PRAGMA user_version records how far a database has come.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """create table users (
+            id text primary key,
+            email text not null unique collate nocase,  -- stored normalised, in lower case
+            name text not null default '',
+            password_hash text not null,
+            is_disabled integer not null default 0,
+            created_at integer not null,
+            updated_at integer not null
+        )""",
+        """create table sessions (
+            id text primary key,
+            user_id text not null references users(id) on delete cascade,
+            created_at integer not null,
+            revoked_at integer
+        )""",
+        "create index sessions_by_user on sessions(user_id)",
+        """create table refresh_tokens (
+            token_hash text primary key,  -- the SHA-256 of the token, never the token itself
+            session_id text not null references sessions(id) on delete cascade,
+            issued_at integer not null,
+            expires_at integer not null,
+            used_at integer
+        )""",
+        "create index refresh_tokens_by_session on refresh_tokens(session_id)",
+    ),
+    (
+        # Login attempts per (email, client address) and per address, in fixed windows. The key is a
+        # SHA-256, so the table does not keep the emails that were tried.
+        """create table login_attempts (
+            key text primary key,
+            window_start integer not null,
+            attempts integer not null
+        )""",
+    ),
+    (
+        # The refresh-token family id: named by every refresh token of the session, shown nowhere else.
+        "alter table sessions add column family text",
+        "create unique index sessions_by_family on sessions(family)",
+    ),
+    (
+        # Refresh tokens clustered by session. A session from before families, whose tokens name none, ends.
+        "delete from sessions where family is null",  # its refresh tokens go with it (on delete cascade)
+        """create table refresh_tokens_v4 (
+            session_id text not null references sessions(id) on delete cascade,
+            token_hash text not null,  -- the SHA-256 of the token, never the token itself
+            issued_at integer not null,
+            expires_at integer not null,
+            used_at integer,
+            generation integer not null default 0,  -- rotations since the login: a fork shares its sibling's
+            primary key (session_id, token_hash)
+        ) without rowid""",
+        """insert into refresh_tokens_v4 (session_id, token_hash, issued_at, expires_at, used_at)
+            select session_id, token_hash, issued_at, expires_at, used_at from refresh_tokens""",
+        "drop table refresh_tokens",
+        "alter table refresh_tokens_v4 rename to refresh_tokens",
+    ),
+    (
+        # One row per session, whatever the number of rotations: the live token's hash and generation, and
+        # the spent tokens of the reuse interval with their successors sealed (sessions.decide_rotation).
+        # A session's live token from schema 4 (its newest unspent one) goes on working; its spent tokens
+        # and forks are forgotten. Times become real numbers: the reuse interval is measured below a second.
+        """create table sessions_v5 (
+            id text primary key,
+            family text not null unique,
+            user_id text not null references users(id) on delete cascade,
+            created_at real not null,
+            revoked_at real,
+            generation integer not null,  -- of the live token
+            token_hash text not null,  -- SHA-256 of the live token, never the token itself
+            expires_at real not null,  -- of the live token
+            spent text not null default '[]'  -- JSON: [generation, spent_at, sealed successor (base64)]
+        )""",
+        """insert into sessions_v5 (id, family, user_id, created_at, revoked_at, generation, token_hash, expires_at)
+            select sessions.id, family, user_id, created_at, revoked_at, 0, token_hash, expires_at
+            from sessions join refresh_tokens on refresh_tokens.session_id = sessions.id
+            where token_hash = (select token_hash from refresh_tokens as newest where newest.session_id = sessions.id
+                and newest.used_at is null order by newest.generation desc, newest.issued_at desc limit 1)""",
+        "drop table refresh_tokens",
+        "drop table sessions",
+        "alter table sessions_v5 rename to sessions",
+        "create index sessions_by_user on sessions(user_id, created_at)",
+        "create index sessions_by_expiry on sessions(expires_at)",
+        "alter table users add column last_login_key text",  # the throttle key of the last login's address
+    ),
+)
+WRITE_RETRY_FIRST_SECONDS, WRITE_RETRY_MAX_SECONDS = 0.0001, 0.002  # between tries for another process's lock
+SWEEP_BATCH = 500  # rows deleted per transaction by the sweep, so that writers never wait long behind it
+
+_USER_COLUMNS = "id, email, name, password_hash, is_disabled, created_at, updated_at, last_login_key"
+_USER_COLUMNS_OF_USERS = ", ".join(f"users.{column}" for column in _USER_COLUMNS.split(", "))
+_SESSION_COLUMNS = ", ".join(
+    f"sessions.{column}"
+    for column in ("id", "family", "created_at", "generation", "token_hash", "expires_at", "revoked_at", "spent")
+)
+
+
+class _WouldBlock(Exception):  # an internal signal: never leaves this module
+    """A lock is taken and the caller (on the event loop) must not wait: SqliteStore.run tries in a thread."""
+
+
+class SqliteStore:
+    """The SQLite database: one connection per thread, WAL, foreign keys on, files of mode 0600."""
+
+    def __init__(self, path: Path, keys_dir: Path, busy_timeout: float = 10.0) -> None:
+        self.path = path
+        self.keys_dir = keys_dir
+        self.busy_timeout = busy_timeout
+        self._local = threading.local()
+        self._write_lock = threading.Lock()  # this process's waiting writers queue here; only its holder polls
+
+    # Connections and transactions
+
+    @property
+    def _conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            if not self.path.exists():  # SQLite gives the -wal and -shm files the database file's mode
+                with contextlib.suppress(FileExistsError):
+                    os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            # A thread's reads wait for the busy timeout (the event loop's do not: see run); in WAL mode
+            # reads meet a lock only in rare moments, such as another process checkpointing as it closes.
+            conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None)
+            conn.execute("pragma foreign_keys = on")
+            conn.execute("pragma synchronous = normal")  # durable in WAL mode, fsyncs only at checkpoints
+            self._local.conn = conn
+            self._local.waits = True
+        return conn
+
+    @property
+    def _inline(self) -> bool:
+        """Whether this thread is the event loop trying work inline (run), which must never wait for a lock."""
+        return bool(getattr(self._local, "inline", False))
+
+    def _set_waits(self, conn: sqlite3.Connection, waits: bool) -> None:
+        """Let SQLite wait for locks for the busy timeout, or not at all; a pragma only on a change."""
+        if self._local.waits != waits:
+            conn.execute(f"pragma busy_timeout = {int(self.busy_timeout * 1000) if waits else 0}")
+            self._local.waits = waits
+
+    async def run(self, work: Callable[[], T]) -> T:
+        """Try `work` on the event loop with no waiting on locks (a rotation is shorter than a hop to a
+        thread); if a lock is taken, do it in a worker thread, which waits for the lock."""
+        self._local.inline = True
+        try:
+            return work()
+        except _WouldBlock:
+            pass
+        finally:
+            self._local.inline = False
+        return await anyio.to_thread.run_sync(work)
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction that takes the database's write lock at once (BEGIN IMMEDIATE).
+
+        Waiting writers of this process queue on a thread lock first, so that only one of them polls
+        SQLite. On the event loop (run) nothing waits: a lock held by another writer raises _WouldBlock.
+
+        Raises:
+            StoreUnavailableError: the locks stayed taken for the whole busy timeout.
+        """
+        conn, wait = self._conn, not self._inline
+        if wait and not self._write_lock.acquire(timeout=self.busy_timeout):
+            raise StoreUnavailableError("the database is busy")
+        try:
+            self._set_waits(conn, False)  # _begin_write waits for the write lock itself
+            self._begin_write(conn, wait)
+            try:
+                yield conn
+                conn.execute("commit")
+            except BaseException:
+                conn.rollback()  # also when the commit failed: never keep the write lock
+                raise
+        finally:
+            if wait:
+                self._write_lock.release()
+                self._set_waits(conn, True)
+
+    def _begin_write(self, conn: sqlite3.Connection, wait: bool) -> None:
+        """BEGIN IMMEDIATE, tried again while another process holds the lock, for up to the busy timeout.
+
+        SQLite's own busy handler sleeps 1, 2, 5, 10, … 100 ms between tries, so that a writer waiting
+        behind transactions of a tenth of a millisecond (another worker's refreshes) sleeps for far longer
+        than the lock is held. This one tries again after 0.1 ms, doubling up to 2 ms.
+        """
+        deadline, delay = 0.0, WRITE_RETRY_FIRST_SECONDS
+        while True:
+            try:
+                conn.execute("begin immediate")
+                return
+            except sqlite3.OperationalError as exc:
+                if not _is_busy(exc):
+                    raise
+                if not wait:
+                    raise _WouldBlock from exc
+                now = time.monotonic()
+                deadline = deadline or now + self.busy_timeout
+                if now >= deadline:
+                    raise StoreUnavailableError("the database is busy") from exc
+            time.sleep(min(delay, deadline - now))
+            delay = min(delay * 2, WRITE_RETRY_MAX_SECONDS)
+
+    def _read(self, sql: str, parameters: Sequence[object] = ()) -> list[Any]:
+        """Every row of a query.
+
+        Raises:
+            StoreUnavailableError: the database stayed locked for the busy timeout.
+        """
+        conn = self._conn
+        if self._inline:
+            self._set_waits(conn, False)
+        try:
+            return conn.execute(sql, parameters).fetchall()
+        except sqlite3.OperationalError as exc:
+            if not _is_busy(exc):
+                raise
+            if self._inline:
+                raise _WouldBlock from exc
+            raise StoreUnavailableError("the database is busy") from exc
+
+    # The database as a whole
+
+    def migrate(self) -> None:
+        try:
+            conn = self._conn
+            for suffix in ("", "-wal", "-shm"):  # a database made by an older jwtauth may be readable by all
+                with contextlib.suppress(FileNotFoundError):
+                    os.chmod(f"{self.path}{suffix}", 0o600)
+            conn.execute("pragma journal_mode = wal")
+            with self._write():
+                version = int(conn.execute("pragma user_version").fetchone()[0])
+                if version > len(MIGRATIONS):
+                    raise StoreError(f"database {self.path} has schema {version}, newer than this jwtauth knows")
+                for number, statements in enumerate(MIGRATIONS[version:], start=version + 1):
+                    for statement in statements:
+                        conn.execute(statement)
+                    conn.execute(f"pragma user_version = {number}")
+        except (sqlite3.Error, OSError, StoreUnavailableError) as exc:
+            self.close()
+            cause = exc.__cause__ if isinstance(exc, StoreUnavailableError) else exc
+            raise StoreError(f"cannot use database {self.path}: {cause}") from None
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+            self._local.waits = True
+
+    def is_usable(self) -> bool:
+        try:
+            self._read("select count(*) from users")
+        except (sqlite3.Error, StoreUnavailableError):
+            return False
+        return True
+
+    def check(self) -> list[str]:
+        """SQLite's integrity and foreign-key checks."""
+        if not self.path.exists():
+            raise StoreError(f"no database at {self.path}")
+        try:
+            conn = self._conn
+            problems = [str(row[0]) for row in conn.execute("pragma integrity_check").fetchall() if row[0] != "ok"]
+            foreign = conn.execute("pragma foreign_key_check").fetchall()
+        except sqlite3.DatabaseError as exc:  # too damaged to check at all
+            return [str(exc)]
+        return problems + [f"foreign key broken: {row[0]} row {row[1]}" for row in foreign]
+
+    def backup(self, target: Path) -> None:
+        """SQLite's backup API: consistent as of one instant, written 0600."""
+        if not self.path.exists():
+            raise StoreError(f"no database at {self.path}")
+        own_files = {
+            self.path.resolve(),
+            *(self.path.resolve().with_name(self.path.name + x) for x in ("-wal", "-shm")),
+        }
+        if target.resolve() in own_files:
+            raise StoreError(f"cannot back up {self.path} onto itself")
+        temporary = target.with_name(f".{target.name}.tmp")
+        try:
+            temporary.unlink(missing_ok=True)
+            os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))  # it holds the password hashes
+            with contextlib.closing(sqlite3.connect(temporary)) as copy:
+                self._conn.backup(copy)
+            os.replace(temporary, target)
+        except (OSError, sqlite3.Error) as exc:
+            temporary.unlink(missing_ok=True)
+            raise StoreError(f"cannot back up {self.path} to {target}: {exc}") from None
+
+    def key_repository(self) -> KeyRepository:
+        return FileKeyRepository(self.keys_dir)
+
+    # Users
+
+    def add_user(self, email: str, name: str, password_hash: str, now: int) -> User:
+        user = User(str(uuid.uuid4()), email, name, password_hash, False, now, now)
+        try:
+            with self._write() as conn:
+                conn.execute(
+                    "insert into users (id, email, name, password_hash, is_disabled, created_at, updated_at)"
+                    " values (?, ?, ?, ?, 0, ?, ?)",
+                    [user.id, email, name, password_hash, now, now],
+                )
+        except sqlite3.IntegrityError:
+            raise ConflictError("a user with this email exists") from None
+        return user
+
+    def find_user_by_email(self, email: str) -> User | None:
+        return _user(_first(self._read(f"select {_USER_COLUMNS} from users where email = ?", [email])))
+
+    def find_user(self, user_id: str) -> User | None:
+        return _user(_first(self._read(f"select {_USER_COLUMNS} from users where id = ?", [user_id])))
+
+    def list_users(self) -> list[User]:
+        rows = self._read(f"select {_USER_COLUMNS} from users order by created_at, email")
+        return [user for user in map(_user, rows) if user is not None]
+
+    def set_password_hash(self, user_id: str, password_hash: str, now: int) -> None:
+        with self._write() as conn:
+            conn.execute(
+                "update users set password_hash = ?, updated_at = ? where id = ?", [password_hash, now, user_id]
+            )
+
+    def set_user_disabled(self, user_id: str, is_disabled: bool, now: int) -> None:
+        with self._write() as conn:
+            conn.execute(
+                "update users set is_disabled = ?, updated_at = ? where id = ?", [int(is_disabled), now, user_id]
+            )
+
+    # Sessions
+
+    def start_session(self, session: SessionState, max_sessions: int, address_key: str) -> int:
+        with self._write() as conn:
+            _insert_session(conn, session)
+            conn.execute("update users set last_login_key = ? where id = ?", [address_key, session.user.id])
+            return conn.execute(
+                "update sessions set revoked_at = ?1 where id in (select id from sessions where user_id = ?2"
+                " and revoked_at is null and expires_at > ?1 order by created_at desc limit -1 offset ?3)",
+                [session.created_at, session.user.id, max_sessions],
+            ).rowcount
+
+    def rotate(self, family: str, decide: Callable[[SessionState | None], Decision]) -> Decision:
+        """BEGIN IMMEDIATE takes the write lock before the session is read: concurrent rotations of one
+        session, from any thread or process, are decided one after another."""
+        with self._write() as conn:
+            decision = decide(_session(conn.execute(_SELECT_SESSION + " where family = ?", [family]).fetchone()))
+            state = decision.state
+            if decision.outcome == "rotated" and state is not None:
+                conn.execute(
+                    "update sessions set generation = ?, token_hash = ?, expires_at = ?, spent = ? where id = ?",
+                    [state.generation, state.token_hash, state.expires_at, encode_spent(state.spent), state.id],
+                )
+            elif decision.outcome == "reuse_detected" and state is not None:
+                conn.execute(
+                    "update sessions set revoked_at = ?, spent = '[]' where id = ?", [state.revoked_at, state.id]
+                )
+            return decision
+
+    def find_session(self, family: str) -> SessionState | None:
+        return _session(_first(self._read(_SELECT_SESSION + " where family = ?", [family])))
+
+    def revoke_session(self, session_id: str, now: float) -> int:
+        return self._revoke("id = ?", [session_id], now)
+
+    def revoke_user_sessions(self, user_id: str, now: float) -> int:
+        return self._revoke("user_id = ?", [user_id], now)
+
+    def revoke_all_sessions(self, now: float) -> int:
+        return self._revoke("1 = 1", [], now)
+
+    def _revoke(self, where: str, parameters: list[object], now: float) -> int:
+        with self._write() as conn:
+            return conn.execute(
+                f"update sessions set revoked_at = ?, spent = '[]' where revoked_at is null and {where}",
+                [now, *parameters],
+            ).rowcount
+
+    def find_session_user(self, session_id: str) -> User | None:
+        return _user(_first(self._read(
+            f"select {_USER_COLUMNS_OF_USERS} from sessions join users on users.id = sessions.user_id"
+            " where sessions.id = ? and sessions.revoked_at is null and users.is_disabled = 0",
+            [session_id],
+        )))  # fmt: skip
+
+    def count_live_sessions(self, now: float) -> int:
+        rows = self._read("select count(*) from sessions where expires_at > ? and revoked_at is null", [now])
+        return int(rows[0][0])
+
+    def delete_expired(self, now: float, revoked_before: float, attempts_before: int) -> int:
+        deleted = 0
+        while True:
+            with self._write() as conn:
+                conn.execute(
+                    "delete from login_attempts where key in"
+                    " (select key from login_attempts where window_start <= ? limit ?)",
+                    [attempts_before, SWEEP_BATCH],
+                )
+                count = conn.execute(
+                    "delete from sessions where id in (select id from sessions where expires_at <= ?"
+                    " or revoked_at <= ? limit ?)",
+                    [now, revoked_before, SWEEP_BATCH],
+                ).rowcount
+            deleted += count
+            if count < SWEEP_BATCH:
+                return deleted
+
+    # Throttling
+
+    def take_login_attempt(self, limits: dict[str, int], now: int, window: int) -> int | None:
+        """Counted before the password is checked, in one write transaction."""
+        with self._write() as conn:
+            rows = {
+                key: conn.execute("select window_start, attempts from login_attempts where key = ?", [key]).fetchone()
+                for key in limits
+            }
+            live = {key: row for key, row in rows.items() if row is not None and row[0] + window > now}
+            blocked = [int(row[0]) + window - now for key, row in live.items() if row[1] >= limits[key]]
+            if blocked:
+                return max(blocked)
+            for key in limits:
+                start, attempts = live.get(key, (now, 0))
+                conn.execute(
+                    "insert or replace into login_attempts (key, window_start, attempts) values (?, ?, ?)",
+                    [key, start, attempts + 1],
+                )
+        return None
+
+    def forgive_login_attempt(self, reset: str, release: Sequence[str]) -> None:
+        with self._write() as conn:
+            conn.execute("delete from login_attempts where key = ?", [reset])
+            conn.executemany(
+                "update login_attempts set attempts = max(attempts - 1, 0) where key = ?", [[key] for key in release]
+            )
+
+    # Moving a deployment
+
+    def export(self, now: float) -> Snapshot:
+        users = self.list_users()
+        rows = self._read(
+            f"{_SELECT_SESSION} where sessions.revoked_at is null and sessions.expires_at > ?"
+            " order by sessions.created_at",
+            [now],
+        )
+        return Snapshot(users, [session for session in map(_session, rows) if session is not None])
+
+    def import_(self, snapshot: Snapshot) -> None:
+        with self._write() as conn:
+            if conn.execute("select exists (select 1 from users) or exists (select 1 from sessions)").fetchone()[0]:
+                raise StoreError(f"database {self.path} already holds jwtauth data")
+            conn.executemany(
+                f"insert into users ({_USER_COLUMNS}) values (?, ?, ?, ?, ?, ?, ?, ?)",
+                [[u.id, u.email, u.name, u.password_hash, int(u.is_disabled), u.created_at, u.updated_at,
+                  u.last_login_key] for u in snapshot.users],
+            )  # fmt: skip
+            for session in snapshot.sessions:
+                _insert_session(conn, session)
+
+
+_SELECT_SESSION = (
+    f"select {_SESSION_COLUMNS}, {_USER_COLUMNS_OF_USERS} from sessions join users on users.id = sessions.user_id"
+)
+
+
+def _insert_session(conn: sqlite3.Connection, session: SessionState) -> None:
+    conn.execute(
+        "insert into sessions (id, family, user_id, created_at, generation, token_hash, expires_at, spent)"
+        " values (?, ?, ?, ?, ?, ?, ?, ?)",
+        [session.id, session.family, session.user.id, session.created_at, session.generation, session.token_hash,
+         session.expires_at, encode_spent(session.spent)],
+    )  # fmt: skip
+
+
+def _user(row: Any) -> User | None:
+    if row is None:
+        return None
+    id_, email, name, password_hash, is_disabled, created_at, updated_at, last_login_key = row
+    return User(id_, email, name, password_hash, bool(is_disabled), created_at, updated_at, last_login_key)
+
+
+def _session(row: Any) -> SessionState | None:
+    if row is None:
+        return None
+    session_id, family, created_at, generation, token_hash, expires_at, revoked_at, spent = row[:8]
+    user = _user(row[8:])
+    assert user is not None
+    return SessionState(
+        session_id, family, user, created_at, generation, token_hash, expires_at, revoked_at, decode_spent(spent)
+    )
+
+
+def _first(rows: list[Any]) -> Any:
+    return rows[0] if rows else None
+
+
+def _is_busy(exc: sqlite3.OperationalError) -> bool:
+    """Whether SQLite answered SQLITE_BUSY (or one of its extended codes): another connection holds a lock."""
+    return exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY
