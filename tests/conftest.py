@@ -3,29 +3,36 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import os
 import shutil
-import socket
 import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 import httpx2 as httpx
+import psycopg
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from starlette.testclient import TestClient
 
 from jwtauth.app import create_app
 from jwtauth.config import Settings
-from jwtauth.keys import FileKeyRepository, KeyStore
+from jwtauth.keys import FileKeyRepository, KeyStore, StoredKeys
 from jwtauth.passwords import PasswordHasher
 from jwtauth.service import UserAdmin
-from jwtauth.store import open_store
+from jwtauth.store import is_postgres_url, open_store
+
+from .services import PostgresCluster, free_port, require_service, start_postgres, stop_postgres
 
 # Cheap Argon2, set the way users set it: through the environment.
 DATA_TABLES = ("users", "sessions")
@@ -45,6 +52,30 @@ class Account:
     id: str
 
 
+BACKENDS = ("sqlite", "postgresql")
+PG_PASSPHRASE = "the tests' passphrase for keys in PostgreSQL"
+PG_TEMPLATE = "jwtauth_template"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "sqlite_only: about SQLite's files (or the keys directory): not run on PostgreSQL"
+    )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Every test that uses an installation (the `backend` fixture, through `env`) runs on each backend."""
+    if "backend" in metafunc.fixturenames:
+        backends = BACKENDS[:1] if metafunc.definition.get_closest_marker("sqlite_only") else BACKENDS
+        metafunc.parametrize("backend", backends, indirect=True, scope="function")
+
+
+@pytest.fixture
+def backend(request: pytest.FixtureRequest) -> str:
+    name: str = request.param
+    return name
+
+
 @pytest.fixture(scope="session")
 def keys_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A key set made once per run; each test gets its own copy (RSA generation is slow)."""
@@ -53,11 +84,47 @@ def keys_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory
 
 
-@pytest.fixture
-def env(tmp_path: Path, keys_template: Path) -> dict[str, str]:
-    """The environment of one jwtauth installation in tmp_path, with a copy of the template keys."""
-    shutil.copytree(keys_template, tmp_path / "keys")
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresCluster]:
+    """One PostgreSQL cluster for the run, with a template database that holds the schema and a key set."""
+    try:
+        cluster = start_postgres()
+    except (FileNotFoundError, RuntimeError, OSError) as exc:
+        require_service("PostgreSQL", str(exc).strip().splitlines()[-1])
+    try:
+        cluster.execute(f"create database {PG_TEMPLATE}")
+        settings = Settings.from_env(pg_env(cluster, PG_TEMPLATE))
+        store = open_store(settings)
+        store.migrate()
+        KeyStore.from_settings(settings, store.key_repository()).load_or_create(int(time.time()))
+        store.close()
+        yield cluster
+    finally:
+        stop_postgres(cluster)
+
+
+def pg_env(cluster: PostgresCluster, dbname: str) -> dict[str, str]:
     return {
+        **CHEAP_ARGON2,
+        "JWTAUTH_DATABASE": cluster.url(dbname),
+        "JWTAUTH_KEYS_PASSPHRASE": PG_PASSPHRASE,
+        "JWTAUTH_ISSUER": ISSUER,
+    }
+
+
+@pytest.fixture
+def env(backend: str, tmp_path: Path, keys_template: Path, request: pytest.FixtureRequest) -> Iterator[dict[str, str]]:
+    """The environment of one jwtauth installation: a SQLite file in tmp_path with a copy of the template
+    keys, or a PostgreSQL database of its own made from the template (schema and keys)."""
+    if backend == "postgresql":
+        cluster: PostgresCluster = request.getfixturevalue("postgres")
+        dbname = f"test_{uuid.uuid4().hex}"
+        cluster.execute(f"create database {dbname} template {PG_TEMPLATE}")
+        yield pg_env(cluster, dbname)
+        cluster.execute(f"drop database {dbname} with (force)")
+        return
+    shutil.copytree(keys_template, tmp_path / "keys")
+    yield {
         **CHEAP_ARGON2,
         "JWTAUTH_DATABASE": str(tmp_path / "auth.db"),
         "JWTAUTH_KEYS_DIR": str(tmp_path / "keys"),
@@ -97,32 +164,81 @@ def login(client: TestClient | httpx.Client, email: str, password: str = PASSWOR
 
 
 def query(database: str | Path, sql: str, parameters: Sequence[object] = ()) -> list[tuple[Any, ...]]:
-    """The rows of one query, read straight from the database (not through jwtauth)."""
-    with contextlib.closing(sqlite3.connect(database)) as conn:
+    """The rows of one statement, run straight on the database (not through jwtauth); `?` placeholders."""
+    if is_postgres_url(str(database)):
+        with psycopg.connect(str(database), autocommit=True) as pg:
+            cursor = pg.execute(sql.replace("?", "%s"), parameters)
+            return cursor.fetchall() if cursor.description else []
+    with contextlib.closing(sqlite3.connect(database)) as conn, conn:
         return conn.execute(sql, parameters).fetchall()
 
 
 def database_contents(database: str | Path) -> bytes:
-    """Everything a copy of the database holds: its files' bytes (free pages and the WAL included) and
-    every value of every table as text; to search for what must never be stored."""
-    files = b"".join(
-        Path(f"{database}{suffix}").read_bytes() for suffix in ("", "-wal") if Path(f"{database}{suffix}").exists()
-    )
+    """Everything a copy of the database holds, to search for what must never be stored: every value of every
+    table as text, and for SQLite its files' bytes too (free pages and the WAL included)."""
+    if is_postgres_url(str(database)):
+        tables = [row[0] for row in query(database, "select tablename from pg_tables where schemaname = 'public'")]
+        rows = [row[0] for table in tables for row in query(database, f"select row_to_json(t)::text from {table} t")]
+        return "\n".join(rows).encode()
+    paths = [Path(f"{database}{suffix}") for suffix in ("", "-wal")]
     with contextlib.closing(sqlite3.connect(database)) as conn:
-        return files + "\n".join(conn.iterdump()).encode()
+        dump = "\n".join(conn.iterdump()).encode()
+    return b"".join(path.read_bytes() for path in paths if path.exists()) + dump
+
+
+def stored_keys(env: Mapping[str, str]) -> StoredKeys:
+    """The key set as the installation stores it (a keys directory, or the database), read as an insider would."""
+    store = open_store(Settings.from_env(env))
+    try:
+        return store.key_repository().read()
+    finally:
+        store.close()
+
+
+def key_entries(env: Mapping[str, str]) -> list[dict[str, Any]]:
+    """Each key's lifecycle entry, oldest first."""
+    return [dataclasses.asdict(entry) for entry in stored_keys(env).entries]
+
+
+def kid_in_state(env: Mapping[str, str], state: str) -> str:
+    return next(str(entry["kid"]) for entry in key_entries(env) if entry["state"] == state)
+
+
+def private_key(env: Mapping[str, str], kid: str) -> rsa.RSAPrivateKey:
+    """A signing key, decrypted as an insider (or a thief with the passphrase) would."""
+    passphrase = env.get("JWTAUTH_KEYS_PASSPHRASE")
+    key = serialization.load_pem_private_key(stored_keys(env).pems[kid], passphrase.encode() if passphrase else None)
+    assert isinstance(key, rsa.RSAPrivateKey)
+    return key
+
+
+def without_keys(env: dict[str, str], tmp_path: Path) -> dict[str, str]:
+    """The installation as before its first start: no key set yet (a new keys directory, or none in the
+    database)."""
+    if is_postgres_url(env["JWTAUTH_DATABASE"]):
+        query(env["JWTAUTH_DATABASE"], "delete from signing_keys")
+        query(env["JWTAUTH_DATABASE"], "update key_set set refresh_secret = null, version = version + 1")
+        return env
+    return {**env, "JWTAUTH_KEYS_DIR": str(tmp_path / "new-keys")}
+
+
+def age_keys(env: Mapping[str, str], seconds: int) -> None:
+    """Make every key of the set `seconds` older, as if the set had been made that long ago."""
+    if is_postgres_url(env["JWTAUTH_DATABASE"]):
+        query(env["JWTAUTH_DATABASE"], "update signing_keys set created_at = created_at - ?", [seconds])
+        query(env["JWTAUTH_DATABASE"], "update key_set set version = version + 1")
+        return
+    path = Path(env["JWTAUTH_KEYS_DIR"]) / "keyset.json"
+    metadata = json.loads(path.read_text())
+    for entry in metadata["keys"]:
+        entry["created_at"] -= seconds
+    path.write_text(json.dumps(metadata))
 
 
 def table_counts(database: str | Path) -> dict[str, int]:
     """Users and sessions, read straight from the database: to show that a rejected request wrote none.
     (Login-attempt counters are meant to change on failures; tests/test_throttle.py.)"""
     return {table: query(database, f"select count(*) from {table}")[0][0] for table in DATA_TABLES}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def run_cli(*args: str, env: Mapping[str, str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -384,9 +383,8 @@ def test_healthz_is_ok(client: TestClient) -> None:
 
 
 def test_healthz_is_503_when_the_database_is_unusable(client: TestClient, settings: Settings) -> None:
-    with sqlite3.connect(settings.database) as conn:
-        conn.execute("drop table sessions")
-        conn.execute("drop table users")
+    query(settings.database, "drop table sessions")
+    query(settings.database, "drop table users")
 
     response = client.get("/healthz")
 
@@ -447,9 +445,8 @@ def test_rehash_on_login_when_argon2_parameters_change(env: dict[str, str], tmp_
     stronger = Settings.from_env({**env, "JWTAUTH_ARGON2_TIME_COST": "2"})
 
     def stored_hash() -> str:
-        with sqlite3.connect(old.database) as conn:
-            value: str = conn.execute("select password_hash from users").fetchone()[0]
-            return value
+        value: str = query(old.database, "select password_hash from users")[0][0]
+        return value
 
     assert ",t=1," in stored_hash()
     with TestClient(create_app(stronger)) as client:

@@ -29,7 +29,7 @@ from jwtauth.config import Settings
 from jwtauth.errors import InvalidTokenError
 from jwtauth.web import parse_bearer
 
-from .conftest import Account, add_user, login, table_counts
+from .conftest import Account, add_user, kid_in_state, login, private_key, table_counts
 
 ATTACKER = "https://attacker.example"
 RS256 = RSAAlgorithm(RSAAlgorithm.SHA256)
@@ -80,13 +80,10 @@ class Session:
 
 
 @pytest.fixture
-def our_key(settings: Settings) -> OurKey:
-    """The current signing key, read from the keys directory as an insider (or a thief) would."""
-    metadata = json.loads((settings.keys_dir / "keyset.json").read_text())
-    kid = next(entry["kid"] for entry in metadata["keys"] if entry["state"] == "current")
-    key = serialization.load_pem_private_key((settings.keys_dir / f"{kid}.pem").read_bytes(), password=None)
-    assert isinstance(key, rsa.RSAPrivateKey)
-    return OurKey(kid, key)
+def our_key(env: dict[str, str]) -> OurKey:
+    """The current signing key, read from where the installation keeps it, as an insider (or a thief) would."""
+    kid = kid_in_state(env, "current")
+    return OurKey(kid, private_key(env, kid))
 
 
 @pytest.fixture(scope="module")

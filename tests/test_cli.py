@@ -18,7 +18,8 @@ from starlette.testclient import TestClient
 from jwtauth.app import create_app
 from jwtauth.config import Settings
 
-from .conftest import PASSWORD, free_port, login, run_cli, table_counts
+from .conftest import PASSWORD, login, run_cli, table_counts
+from .services import free_port
 
 
 def assert_fails_cleanly(result: subprocess.CompletedProcess[str], *expected: str) -> None:
@@ -206,6 +207,7 @@ def test_bad_setting_stops_serve_with_one_line(env: dict[str, str], variable: st
     assert_fails_cleanly(result, expected)
 
 
+@pytest.mark.sqlite_only
 def test_unusable_keys_dir_stops_serve_with_one_line(env: dict[str, str], tmp_path: Path) -> None:
     not_a_dir = tmp_path / "file"
     not_a_dir.write_text("")

@@ -21,7 +21,7 @@ from starlette.testclient import TestClient
 from jwtauth.app import create_app
 from jwtauth.config import Settings
 
-from .conftest import CHEAP_ARGON2, PASSWORD, add_user, bearer, login, start_server, stop_server
+from .conftest import CHEAP_ARGON2, PASSWORD, add_user, bearer, login, query, start_server, stop_server, stored_keys
 
 ENDPOINTS = [
     ("POST", "/login"), ("POST", "/refresh"), ("POST", "/token"), ("POST", "/revoke"), ("POST", "/logout"),
@@ -153,21 +153,21 @@ def test_an_unexpected_error_is_a_json_500_with_a_request_id_in_the_log(
 ) -> None:
     add_user(settings, "alice@example.com")
     with TestClient(create_app(settings)) as client:  # it would raise what the app let escape
-        with sqlite3.connect(settings.database) as conn:
-            conn.execute("alter table users rename to lost")  # the database breaks under the running server
+        query(settings.database, "alter table users rename to lost")  # the database breaks under the running server
 
         response = client.post("/login", json={"email": "alice@example.com", "password": PASSWORD})
 
     body = response.json()
     assert (response.status_code, body["error"]) == (500, "server_error")
     assert body["request_id"] == response.headers["x-request-id"]
-    assert "Traceback" not in response.text and "sqlite" not in response.text.lower()
+    assert "Traceback" not in response.text
+    assert "sqlite" not in response.text.lower() and "psycopg" not in response.text.lower()
     errors = [record for record in caplog.records if record.levelno >= logging.ERROR]
     assert any(body["request_id"] in record.getMessage() and record.exc_info for record in errors)
     assert PASSWORD not in caplog.text
 
 
-def test_no_secret_reaches_the_log(settings: Settings, caplog: pytest.LogCaptureFixture) -> None:
+def test_no_secret_reaches_the_log(settings: Settings, env: dict[str, str], caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     add_user(settings, "alice@example.com")
     with TestClient(create_app(settings)) as client:
@@ -179,7 +179,8 @@ def test_no_secret_reaches_the_log(settings: Settings, caplog: pytest.LogCapture
         client.post("/refresh", json={"refresh_token": pair["refresh_token"]})  # a replay
         client.post("/revoke", data={"token": second["refresh_token"]})
         client.post("/revoke", data={"token": second["access_token"]})
-    private_keys = [path.read_text() for path in settings.keys_dir.glob("*.pem")]
+    stored = stored_keys(env)
+    private_keys = [pem.decode() for pem in [*stored.pems.values(), stored.refresh_secret or b""]]
     secrets = [
         PASSWORD,
         "a wrong guess",
@@ -193,6 +194,7 @@ def test_no_secret_reaches_the_log(settings: Settings, caplog: pytest.LogCapture
     assert not [secret for secret in secrets + pem_lines if secret in logged]
 
 
+@pytest.mark.sqlite_only
 def test_a_write_waiting_for_another_writer_goes_on_when_the_lock_frees(env: dict[str, str]) -> None:
     settings = Settings.from_env(env)  # the default busy timeout, 10 s
     add_user(settings, "alice@example.com")
@@ -214,6 +216,7 @@ def test_a_write_waiting_for_another_writer_goes_on_when_the_lock_frees(env: dic
     assert 0.3 <= waited < 2  # it waited for the lock, and went on soon after it was released
 
 
+@pytest.mark.sqlite_only
 def test_a_database_locked_past_the_busy_timeout_gets_503(env: dict[str, str]) -> None:
     settings = Settings.from_env({**env, "JWTAUTH_DB_BUSY_TIMEOUT_MS": "200"})
     add_user(settings, "alice@example.com")

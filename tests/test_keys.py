@@ -19,8 +19,19 @@ from starlette.testclient import TestClient
 
 from jwtauth.app import create_app
 from jwtauth.config import Settings
+from jwtauth.store import is_postgres_url
 
-from .conftest import Account, add_user, login, run_cli
+from .conftest import (
+    Account,
+    add_user,
+    key_entries,
+    kid_in_state,
+    login,
+    private_key,
+    run_cli,
+    stored_keys,
+    without_keys,
+)
 
 PRIVATE_MEMBERS = {"d", "p", "q", "dp", "dq", "qi", "oth", "k"}
 PASSPHRASE = "open sesame, but longer"
@@ -49,10 +60,11 @@ def snapshot(directory: Path) -> dict[str, tuple[int, bytes]]:
 
 @pytest.fixture
 def fresh_env(env: dict[str, str], tmp_path: Path) -> dict[str, str]:
-    """The installation's environment, but with a keys directory that does not exist yet."""
-    keys_dir = tmp_path / "fresh-keys"
-    assert not keys_dir.exists()
-    return {**env, "JWTAUTH_KEYS_DIR": str(keys_dir)}
+    """The installation's environment before its first start: no key set yet (for SQLite, a keys directory
+    that does not exist yet)."""
+    fresh = without_keys(env, tmp_path)
+    assert is_postgres_url(fresh["JWTAUTH_DATABASE"]) or not Path(fresh["JWTAUTH_KEYS_DIR"]).exists()
+    return fresh
 
 
 @pytest.fixture
@@ -75,15 +87,16 @@ def encrypted_env(fresh_env: dict[str, str]) -> dict[str, str]:
 # First start
 
 
-def test_first_start_creates_a_current_and_a_next_key(fresh_client: TestClient, fresh_settings: Settings) -> None:
-    entries = keyset_entries(fresh_settings.keys_dir)
+def test_first_start_creates_a_current_and_a_next_key(fresh_client: TestClient, fresh_env: dict[str, str]) -> None:
+    entries = key_entries(fresh_env)
 
     assert sorted(entry["state"] for entry in entries) == ["current", "next"]
     kids = {entry["kid"] for entry in entries}
     assert len(kids) == 2
-    assert {path.name for path in fresh_settings.keys_dir.glob("*.pem")} == {f"{kid}.pem" for kid in kids}
+    assert set(stored_keys(fresh_env).pems) == kids
 
 
+@pytest.mark.sqlite_only
 def test_first_start_writes_unencrypted_pkcs8_pems(fresh_client: TestClient, fresh_settings: Settings) -> None:
     pems = sorted(fresh_settings.keys_dir.glob("*.pem"))
     assert len(pems) == 2  # the current key and the next one
@@ -94,6 +107,7 @@ def test_first_start_writes_unencrypted_pkcs8_pems(fresh_client: TestClient, fre
         assert key.key_size == 2048
 
 
+@pytest.mark.sqlite_only
 def test_first_start_makes_the_keys_private(fresh_client: TestClient, fresh_settings: Settings) -> None:
     pems = list(fresh_settings.keys_dir.glob("*.pem"))
 
@@ -102,6 +116,7 @@ def test_first_start_makes_the_keys_private(fresh_client: TestClient, fresh_sett
     assert {path.name: stat.S_IMODE(path.stat().st_mode) for path in pems} == {path.name: 0o600 for path in pems}
 
 
+@pytest.mark.sqlite_only
 def test_first_start_makes_an_existing_keys_dir_private(fresh_settings: Settings) -> None:
     fresh_settings.keys_dir.mkdir(mode=0o755)  # as a checkout's keys/ is
 
@@ -111,22 +126,26 @@ def test_first_start_makes_an_existing_keys_dir_private(fresh_settings: Settings
     assert stat.S_IMODE(fresh_settings.keys_dir.stat().st_mode) == 0o700
 
 
-def test_second_start_keeps_the_keys(fresh_client: TestClient, fresh_settings: Settings) -> None:
-    before = snapshot(fresh_settings.keys_dir)
+def test_second_start_keeps_the_keys(
+    fresh_client: TestClient, fresh_settings: Settings, fresh_env: dict[str, str]
+) -> None:
+    before = stored_keys(fresh_env)
 
     with TestClient(create_app(fresh_settings)) as client:
         assert client.get("/healthz").status_code == 200
 
-    assert snapshot(fresh_settings.keys_dir) == before
+    after = stored_keys(fresh_env)
+    assert (after.entries, dict(after.pems), after.refresh_secret) == (before.entries, dict(before.pems),
+                                                                       before.refresh_secret)  # fmt: skip
 
 
 # JWKS
 
 
-def test_jwks_publishes_both_keys_and_no_private_member(fresh_client: TestClient, fresh_settings: Settings) -> None:
+def test_jwks_publishes_both_keys_and_no_private_member(fresh_client: TestClient, fresh_env: dict[str, str]) -> None:
     keys = fresh_client.get("/.well-known/jwks.json").json()["keys"]
 
-    on_disk = keyset_entries(fresh_settings.keys_dir)
+    on_disk = key_entries(fresh_env)
     assert sorted(key["kid"] for key in keys) == sorted(entry["kid"] for entry in on_disk)
     for key in keys:
         assert set(key) == {"kty", "n", "e", "kid", "alg", "use"}
@@ -146,18 +165,16 @@ def test_rfc7638_thumbprint_helper_matches_the_rfc_example() -> None:
     assert rfc7638_thumbprint("AQAB", n) == "NzbLsXh8uDCcd-6MNwXF4W_7noWXFZAfHkxZsRGC9Xs"
 
 
-def test_kid_is_the_rfc7638_thumbprint_of_the_key_on_disk(fresh_client: TestClient, fresh_settings: Settings) -> None:
+def test_kid_is_the_rfc7638_thumbprint_of_the_stored_key(fresh_client: TestClient, fresh_env: dict[str, str]) -> None:
     published = {key["kid"]: key for key in fresh_client.get("/.well-known/jwks.json").json()["keys"]}
-    pems = sorted(fresh_settings.keys_dir.glob("*.pem"))
+    stored = list(stored_keys(fresh_env).pems)
 
-    assert len(pems) == len(published) == 2
-    for path in pems:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-        assert isinstance(key, rsa.RSAPrivateKey)
-        numbers = key.public_key().public_numbers()
+    assert len(stored) == len(published) == 2
+    for stored_kid in stored:
+        numbers = private_key(fresh_env, stored_kid).public_key().public_numbers()
         e, n = b64url_uint(numbers.e), b64url_uint(numbers.n)
         kid = rfc7638_thumbprint(e, n)
-        assert path.name == f"{kid}.pem"
+        assert stored_kid == kid
         assert (published[kid]["e"], published[kid]["n"]) == (e, n)
 
 
@@ -191,12 +208,14 @@ def test_jwks_with_another_if_none_match_gets_the_keys(fresh_client: TestClient)
     assert len(response.json()["keys"]) == 2
 
 
-def test_access_token_verifies_with_the_published_jwk(client: TestClient, settings: Settings, alice: Account) -> None:
+def test_access_token_verifies_with_the_published_jwk(
+    client: TestClient, settings: Settings, env: dict[str, str], alice: Account
+) -> None:
     token = str(login(client, alice.email, alice.password)["access_token"])
     header = jwt.get_unverified_header(token)
     jwks = client.get("/.well-known/jwks.json").json()
     jwk = next(key for key in jwks["keys"] if key["kid"] == header["kid"])
-    current = next(entry["kid"] for entry in keyset_entries(settings.keys_dir) if entry["state"] == "current")
+    current = kid_in_state(env, "current")
 
     claims = jwt.decode(
         token, jwt.PyJWK(jwk).key, algorithms=["RS256"], audience=settings.audience, issuer=settings.issuer
@@ -209,6 +228,7 @@ def test_access_token_verifies_with_the_published_jwk(client: TestClient, settin
 # Passphrase
 
 
+@pytest.mark.sqlite_only
 def test_passphrase_encrypts_every_pem(encrypted_env: dict[str, str]) -> None:
     settings = Settings.from_env(encrypted_env)
     with TestClient(create_app(settings)) as client:
@@ -222,6 +242,7 @@ def test_passphrase_encrypts_every_pem(encrypted_env: dict[str, str]) -> None:
             serialization.load_pem_private_key(path.read_bytes(), password=None)
 
 
+@pytest.mark.sqlite_only
 def test_server_with_encrypted_keys_issues_verifiable_tokens(encrypted_env: dict[str, str]) -> None:
     settings = Settings.from_env(encrypted_env)
     alice = add_user(settings, "alice@example.com")
@@ -249,6 +270,7 @@ def assert_fails_naming_a_pem(result: subprocess.CompletedProcess[str], keys_dir
     assert any(str(path) in lines[0] for path in pems), lines[0]
 
 
+@pytest.mark.sqlite_only
 @pytest.mark.parametrize("passphrase", ["wrong passphrase", None], ids=["wrong", "missing"])
 def test_keys_list_with_the_wrong_passphrase_fails_and_changes_nothing(
     encrypted_env: dict[str, str], passphrase: str | None
@@ -266,6 +288,7 @@ def test_keys_list_with_the_wrong_passphrase_fails_and_changes_nothing(
     assert snapshot(keys_dir) == before
 
 
+@pytest.mark.sqlite_only
 def test_keys_list_with_a_passphrase_for_unencrypted_keys_fails_and_changes_nothing(env: dict[str, str]) -> None:
     keys_dir = Path(env["JWTAUTH_KEYS_DIR"])
     before = snapshot(keys_dir)
@@ -276,6 +299,7 @@ def test_keys_list_with_a_passphrase_for_unencrypted_keys_fails_and_changes_noth
     assert snapshot(keys_dir) == before
 
 
+@pytest.mark.sqlite_only
 @pytest.mark.parametrize("state", ["current", "next"])
 @pytest.mark.parametrize("corruption", ["garbage", "truncated", "empty", "public key"])
 def test_keys_list_with_a_corrupt_pem_fails_naming_it_and_changes_nothing(
@@ -305,6 +329,7 @@ def test_keys_list_with_a_corrupt_pem_fails_naming_it_and_changes_nothing(
     assert snapshot(keys_dir) == before
 
 
+@pytest.mark.sqlite_only
 def test_keys_list_with_a_missing_pem_fails_naming_it_and_changes_nothing(env: dict[str, str]) -> None:
     keys_dir = Path(env["JWTAUTH_KEYS_DIR"])
     kid = next(entry["kid"] for entry in keyset_entries(keys_dir) if entry["state"] == "next")

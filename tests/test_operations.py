@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sqlite3
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -16,8 +18,20 @@ from starlette.testclient import TestClient
 
 from jwtauth.app import COUNT_SESSIONS_EVERY, create_app
 from jwtauth.config import Settings
+from jwtauth.store import is_postgres_url
 
-from .conftest import PASSWORD, Account, add_user, bearer, login, run_cli, start_server, stop_server, table_counts
+from .conftest import (
+    PASSWORD,
+    Account,
+    add_user,
+    bearer,
+    login,
+    query,
+    run_cli,
+    start_server,
+    stop_server,
+    table_counts,
+)
 
 
 def scrape(client: TestClient | httpx.Client) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -270,6 +284,22 @@ def test_probing_taken_emails_is_throttled_per_address(env: dict[str, str], alic
 # Backup and integrity
 
 
+def restore(env: dict[str, str], backup: Path) -> dict[str, str]:
+    """The environment of an installation restored from a `jwtauth db backup`: the SQLite file itself, or a
+    new PostgreSQL database that pg_restore fills from the archive."""
+    database = env["JWTAUTH_DATABASE"]
+    if not is_postgres_url(database):
+        with sqlite3.connect(backup) as conn:
+            assert conn.execute("pragma integrity_check").fetchone()[0] == "ok"
+        return {**env, "JWTAUTH_DATABASE": str(backup)}
+    server, _, _ = database.rpartition("/")
+    query(f"{server}/postgres", "create database restored")
+    pg_restore = shutil.which("pg_restore")
+    assert pg_restore is not None
+    subprocess.run([pg_restore, "--no-owner", f"--dbname={server}/restored", str(backup)], check=True, timeout=60)
+    return {**env, "JWTAUTH_DATABASE": f"{server}/restored"}
+
+
 def test_backup_under_refresh_load_restores_and_logs_in(env: dict[str, str], tmp_path: Path) -> None:
     add_user(Settings.from_env(env), "alice@example.com")
     server = start_server({**env, "JWTAUTH_REFRESH_REUSE_INTERVAL": "0"})
@@ -306,14 +336,13 @@ def test_backup_under_refresh_load_restores_and_logs_in(env: dict[str, str], tmp
     assert result.returncode == 0, result.stderr
     copy = tmp_path / "copy.db"
     assert (copy.stat().st_mode & 0o777) == 0o600
-    with sqlite3.connect(copy) as conn:
-        assert conn.execute("pragma integrity_check").fetchone()[0] == "ok"
-    restored = {**env, "JWTAUTH_DATABASE": str(copy)}
+    restored = restore(env, copy)
     assert run_cli("db", "check", env=restored).stdout.strip() == "ok"
     with TestClient(create_app(Settings.from_env(restored))) as client:
         assert login(client, "alice@example.com")["token_type"] == "Bearer"
 
 
+@pytest.mark.sqlite_only
 def test_db_check_reports_a_damaged_database(env: dict[str, str], settings: Settings) -> None:
     add_user(settings, "alice@example.com")
     rows = [(f"id{n}", f"u{n}@example.com") for n in range(2000)]
@@ -338,6 +367,7 @@ def test_db_check_reports_a_damaged_database(env: dict[str, str], settings: Sett
     assert "problems" in result.stdout
 
 
+@pytest.mark.sqlite_only
 def test_backup_onto_the_database_itself_is_refused(env: dict[str, str], settings: Settings, alice: Account) -> None:
     for target in (env["JWTAUTH_DATABASE"], env["JWTAUTH_DATABASE"] + "-wal"):
         result = run_cli("db", "backup", target, env=env)
@@ -349,6 +379,7 @@ def test_backup_onto_the_database_itself_is_refused(env: dict[str, str], setting
     assert run_cli("db", "check", env=env).stdout.strip() == "ok"
 
 
+@pytest.mark.sqlite_only
 def test_db_check_and_backup_without_a_database_fail_cleanly(env: dict[str, str], tmp_path: Path) -> None:
     for args in (("db", "check"), ("db", "backup", str(tmp_path / "copy.db"))):
         result = run_cli(*args, env=env)

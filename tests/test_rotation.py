@@ -10,7 +10,6 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx2 as httpx
 import jwt
@@ -20,16 +19,21 @@ from starlette.testclient import TestClient
 from jwtauth.app import create_app
 from jwtauth.config import Settings
 
-from .conftest import Account, Clock, add_user, bearer, login, run_cli, start_server, stop_server
-
-
-def entries(keys_dir: Path) -> list[dict[str, Any]]:
-    keys: list[dict[str, Any]] = json.loads((keys_dir / "keyset.json").read_text())["keys"]
-    return keys
-
-
-def kid_in_state(keys_dir: Path, state: str) -> str:
-    return next(str(entry["kid"]) for entry in entries(keys_dir) if entry["state"] == state)
+from .conftest import (
+    Account,
+    Clock,
+    add_user,
+    age_keys,
+    bearer,
+    key_entries,
+    kid_in_state,
+    login,
+    run_cli,
+    start_server,
+    stop_server,
+    stored_keys,
+    without_keys,
+)
 
 
 def published_kids(client: TestClient | httpx.Client) -> list[str]:
@@ -48,6 +52,12 @@ def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
         time.sleep(0.05)
 
 
+def fresh_env_of(settings: Settings) -> dict[str, str]:
+    """The variables that reach the key set of an installation's settings."""
+    env = {"JWTAUTH_DATABASE": settings.database, "JWTAUTH_KEYS_DIR": str(settings.keys_dir)}
+    return {**env, "JWTAUTH_KEYS_PASSPHRASE": settings.keys_passphrase.decode()} if settings.keys_passphrase else env
+
+
 def verifies_through_jwks(client: TestClient, token: object, settings: Settings) -> bool:
     jwks = client.get("/.well-known/jwks.json").json()
     key = next((jwt.PyJWK(k) for k in jwks["keys"] if k["kid"] == kid_of(token)), None)
@@ -63,8 +73,7 @@ def verifies_through_jwks(client: TestClient, token: object, settings: Settings)
 def fresh_env(env: dict[str, str], tmp_path: Path) -> dict[str, str]:
     """Keys created by the app under test, on its own clock; quick timings: 1000 s keys, 100 s JWKS cache."""
     return {
-        **env,
-        "JWTAUTH_KEYS_DIR": str(tmp_path / "lifecycle-keys"),
+        **without_keys(env, tmp_path),
         "JWTAUTH_KEY_ROTATE_EVERY": "1000",
         "JWTAUTH_JWKS_MAX_AGE": "100",
         "JWTAUTH_ACCESS_TTL": "60",
@@ -82,8 +91,8 @@ def lifecycle(fresh_env: dict[str, str], alice: Account) -> Iterator[tuple[TestC
 
 def test_lifecycle_on_schedule(lifecycle: tuple[TestClient, Clock, Settings], alice: Account) -> None:
     client, clock, settings = lifecycle
-    keys_dir = settings.keys_dir
-    first, upcoming = kid_in_state(keys_dir, "current"), kid_in_state(keys_dir, "next")
+    env = fresh_env_of(settings)
+    first, upcoming = kid_in_state(env, "current"), kid_in_state(env, "next")
     # Publication ahead of use: both are published, only the current key signs.
     assert published_kids(client) == [first, upcoming]
     clock.advance(990)
@@ -91,9 +100,9 @@ def test_lifecycle_on_schedule(lifecycle: tuple[TestClient, Clock, Settings], al
     assert kid_of(old_token) == first
 
     clock.advance(10)  # the rotation is due: 1000 s after the first start
-    wait_for(lambda: kid_in_state(keys_dir, "current") == upcoming)
+    wait_for(lambda: kid_in_state(env, "current") == upcoming)
 
-    third = kid_in_state(keys_dir, "next")
+    third = kid_in_state(env, "next")
     wait_for(lambda: published_kids(client) == [first, upcoming, third])
     assert kid_of(login(client, alice.email)["access_token"]) == upcoming
     assert verifies_through_jwks(client, old_token, settings)  # the retired key still verifies
@@ -105,8 +114,8 @@ def test_lifecycle_on_schedule(lifecycle: tuple[TestClient, Clock, Settings], al
 
     clock.advance(1)
     wait_for(lambda: published_kids(client) == [upcoming, third])
-    assert not (keys_dir / f"{first}.pem").exists()
-    assert [entry["state"] for entry in entries(keys_dir)] == ["current", "next"]
+    assert first not in stored_keys(env).pems
+    assert [entry["state"] for entry in key_entries(env)] == ["current", "next"]
 
 
 def test_due_rotation_waits_for_the_next_key_to_be_published_long_enough(
@@ -115,7 +124,8 @@ def test_due_rotation_waits_for_the_next_key_to_be_published_long_enough(
     clock = Clock()
     settings = Settings.from_env({**fresh_env, "JWTAUTH_KEY_ROTATE_EVERY": "10", "JWTAUTH_JWKS_MAX_AGE": "300"})
     with TestClient(create_app(settings, clock=clock)) as client:
-        first, upcoming = kid_in_state(settings.keys_dir, "current"), kid_in_state(settings.keys_dir, "next")
+        env = fresh_env_of(settings)
+        first, upcoming = kid_in_state(env, "current"), kid_in_state(env, "next")
         clock.advance(301)  # due since 291 s, but the next key can sign only from 302 s (300 + 2 s pick-up)
         time.sleep(1.2)
         assert kid_of(login(client, alice.email)["access_token"]) == first
@@ -140,41 +150,36 @@ def test_etag_changes_when_the_key_set_does(lifecycle: tuple[TestClient, Clock, 
 
 
 def test_rotate_is_refused_while_the_next_key_is_too_young(env: dict[str, str], tmp_path: Path) -> None:
-    fresh = {**env, "JWTAUTH_KEYS_DIR": str(tmp_path / "new-keys")}
+    fresh = without_keys(env, tmp_path)
     assert run_cli("keys", "list", env=fresh).returncode == 0  # a key set made now; max-age is 300 s
-    before = entries(tmp_path / "new-keys")
+    before = key_entries(fresh)
 
     result = run_cli("keys", "rotate", env=fresh)
 
     assert result.returncode == 1
     assert len(result.stderr.strip().splitlines()) == 1
     assert "--force" in result.stderr and "rotate can run from 20" in result.stderr
-    assert entries(tmp_path / "new-keys") == before
+    assert key_entries(fresh) == before
 
 
 def test_rotate_force_rotates_at_once(env: dict[str, str]) -> None:
-    keys_dir = Path(env["JWTAUTH_KEYS_DIR"])
-    current, upcoming = kid_in_state(keys_dir, "current"), kid_in_state(keys_dir, "next")
+    current, upcoming = kid_in_state(env, "current"), kid_in_state(env, "next")
 
     result = run_cli("keys", "rotate", "--force", env=env)
 
     assert result.returncode == 0, result.stderr
-    states = {entry["kid"]: entry["state"] for entry in entries(keys_dir)}
+    states = {entry["kid"]: entry["state"] for entry in key_entries(env)}
     assert (states.pop(current), states.pop(upcoming), list(states.values())) == ("retired", "current", ["next"])
 
 
 def test_rotate_without_force_once_the_next_key_is_old_enough(env: dict[str, str]) -> None:
-    keys_dir = Path(env["JWTAUTH_KEYS_DIR"])
-    metadata = json.loads((keys_dir / "keyset.json").read_text())
-    for entry in metadata["keys"]:
-        entry["created_at"] -= 3600  # a key set made an hour ago
-    (keys_dir / "keyset.json").write_text(json.dumps(metadata))
-    upcoming = kid_in_state(keys_dir, "next")
+    age_keys(env, 3600)  # a key set made an hour ago
+    upcoming = kid_in_state(env, "next")
 
     result = run_cli("keys", "rotate", env=env)
 
     assert result.returncode == 0, result.stderr
-    assert kid_in_state(keys_dir, "current") == upcoming
+    assert kid_in_state(env, "current") == upcoming
 
 
 def test_new_keys_have_the_configured_size(env: dict[str, str]) -> None:
@@ -192,8 +197,7 @@ def test_new_keys_have_the_configured_size(env: dict[str, str]) -> None:
 
 
 def test_prune_deletes_only_keys_whose_tokens_have_expired(env: dict[str, str]) -> None:
-    keys_dir = Path(env["JWTAUTH_KEYS_DIR"])
-    retired = kid_in_state(keys_dir, "current")
+    retired = kid_in_state(env, "current")
     run_cli("keys", "rotate", "--force", env=env)
 
     assert run_cli("keys", "prune", env=env).stdout.strip() == "nothing to delete"
@@ -203,26 +207,24 @@ def test_prune_deletes_only_keys_whose_tokens_have_expired(env: dict[str, str]) 
     result = run_cli("keys", "prune", env=short)
 
     assert result.stdout.strip() == f"deleted {retired}"
-    assert [entry["state"] for entry in entries(keys_dir)] == ["current", "next"]
-    assert not (keys_dir / f"{retired}.pem").exists()
+    assert [entry["state"] for entry in key_entries(env)] == ["current", "next"]
+    assert retired not in stored_keys(env).pems
 
 
 def test_prune_force_deletes_a_leaked_key_at_once(env: dict[str, str]) -> None:
-    keys_dir = Path(env["JWTAUTH_KEYS_DIR"])
-    leaked = kid_in_state(keys_dir, "current")
+    leaked = kid_in_state(env, "current")
     run_cli("keys", "rotate", "--force", env=env)
 
     result = run_cli("keys", "prune", "--force", env=env)
 
     assert result.stdout.strip() == f"deleted {leaked}"
-    assert [entry["state"] for entry in entries(keys_dir)] == ["current", "next"]
+    assert [entry["state"] for entry in key_entries(env)] == ["current", "next"]
     with TestClient(create_app(Settings.from_env(env))) as client:
         assert leaked not in published_kids(client)
 
 
 def test_every_worker_signs_with_the_new_key_within_2_s(env: dict[str, str]) -> None:
     add_user(Settings.from_env(env), "alice@example.com")
-    keys_dir = Path(env["JWTAUTH_KEYS_DIR"])
     server = start_server(env, "--workers", "2")
     try:
         with httpx.Client(base_url=server.url, timeout=10) as http:
@@ -235,7 +237,7 @@ def test_every_worker_signs_with_the_new_key_within_2_s(env: dict[str, str]) -> 
             result = run_cli("keys", "rotate", "--force", env=env)
             rotated_at = time.monotonic()
             assert result.returncode == 0, result.stderr
-            new_kid = kid_in_state(keys_dir, "current")
+            new_kid = kid_in_state(env, "current")
             time.sleep(max(0.0, rotated_at + 2 - time.monotonic()))
 
             kids = [kid_of(fresh_token()) for _ in range(60)]
@@ -256,9 +258,8 @@ def test_every_worker_signs_with_the_new_key_within_2_s(env: dict[str, str]) -> 
 
 
 def test_rotation_killed_at_any_moment_leaves_a_usable_set(env: dict[str, str]) -> None:
-    keys_dir = Path(env["JWTAUTH_KEYS_DIR"])
     clean = {**{k: v for k, v in os.environ.items() if not k.startswith("JWTAUTH_")}, **env}
-    signers = {kid_in_state(keys_dir, "current")}
+    signers = {kid_in_state(env, "current")}
     for delay in [0.1 * step for step in range(2, 12)]:
         process = subprocess.Popen([sys.executable, "-m", "jwtauth", "keys", "rotate", "--force"], env=clean,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
@@ -270,17 +271,17 @@ def test_rotation_killed_at_any_moment_leaves_a_usable_set(env: dict[str, str]) 
         assert listed.returncode == 0, (delay, listed.stderr)
         states = [key["state"] for key in json.loads(listed.stdout)]
         assert states.count("current") == 1 and states.count("next") == 1, (delay, states)
-        signers.add(kid_in_state(keys_dir, "current"))
+        signers.add(kid_in_state(env, "current"))
         assert signers <= {key["kid"] for key in json.loads(listed.stdout)}  # no key that signed was lost
 
     assert run_cli("keys", "prune", env=env).returncode == 0
-    assert {path.stem for path in keys_dir.glob("*.pem")} == {entry["kid"] for entry in entries(keys_dir)}
-    assert not list(keys_dir.glob(".*.tmp"))
+    assert set(stored_keys(env).pems) == {entry["kid"] for entry in key_entries(env)}  # no key left half made
 
 
+@pytest.mark.sqlite_only
 def test_leftovers_of_an_interrupted_rotation_are_ignored_then_pruned(env: dict[str, str], alice: Account) -> None:
     keys_dir = Path(env["JWTAUTH_KEYS_DIR"])
-    before = entries(keys_dir)
+    before = key_entries(env)
     template_pem = next(keys_dir.glob("*.pem")).read_bytes()
     (keys_dir / "orphan.pem").write_bytes(template_pem)  # written, but the metadata was never committed
     (keys_dir / ".keyset.json.tmp").write_text('{"keys": [{"kid": "half')  # died while writing the metadata
@@ -291,16 +292,17 @@ def test_leftovers_of_an_interrupted_rotation_are_ignored_then_pruned(env: dict[
         assert client.get("/healthz").status_code == 200
         assert login(client, alice.email)["token_type"] == "Bearer"
 
-    assert entries(keys_dir) == before
+    assert key_entries(env) == before
     assert run_cli("keys", "prune", env=env).stdout.strip() == "deleted orphan"
     assert sorted(path.name for path in keys_dir.iterdir() if path.name != ".lock") == sorted(
         [f"{entry['kid']}.pem" for entry in before] + ["keyset.json", "refresh.secret"]
     )
 
 
+@pytest.mark.sqlite_only
 def test_corrupt_pem_stops_serve_naming_the_file(env: dict[str, str]) -> None:
     keys_dir = Path(env["JWTAUTH_KEYS_DIR"])
-    pem = keys_dir / f"{kid_in_state(keys_dir, 'next')}.pem"
+    pem = keys_dir / f"{kid_in_state(env, 'next')}.pem"
     pem.write_bytes(b"-----BEGIN PRIVATE KEY-----\nnot a key\n-----END PRIVATE KEY-----\n")
     files = sorted(path.name for path in keys_dir.iterdir())
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,12 +10,12 @@ import httpx2 as httpx
 import jwt
 import pytest
 
-from .conftest import PASSWORD, Server, run_cli, start_server, stop_server
+from .conftest import PASSWORD, Server, key_entries, run_cli, start_server, stop_server, table_counts, without_keys
 
 
 @pytest.fixture
 def server(env: dict[str, str], tmp_path: Path) -> Iterator[Server]:
-    fresh = {**env, "JWTAUTH_KEYS_DIR": str(tmp_path / "fresh-keys")}  # the first start creates them
+    fresh = without_keys(env, tmp_path)  # the first start creates them
     assert run_cli("users", "add", "alice@example.com", "--password-stdin", env=fresh, stdin=PASSWORD).returncode == 0
     server = start_server(fresh)
     yield server
@@ -24,11 +23,10 @@ def server(env: dict[str, str], tmp_path: Path) -> Iterator[Server]:
 
 
 def test_first_start_creates_the_database_and_keys(server: Server) -> None:
-    keys_dir = Path(server.env["JWTAUTH_KEYS_DIR"])
-    states = sorted(entry["state"] for entry in json.loads((keys_dir / "keyset.json").read_text())["keys"])
+    states = sorted(entry["state"] for entry in key_entries(server.env))
 
     assert states == ["current", "next"]
-    assert Path(server.env["JWTAUTH_DATABASE"]).exists()
+    assert table_counts(server.env["JWTAUTH_DATABASE"])["users"] == 1
 
 
 def test_access_token_verifies_offline_with_pyjwkclient(server: Server) -> None:

@@ -574,6 +574,7 @@ def legacy_token(family: str) -> str:
     return f"{family}.{'s' * 43}"
 
 
+@pytest.mark.sqlite_only
 def test_sessions_survive_the_upgrade_from_schema_3(settings: Settings, clock: Clock) -> None:
     """A session's live token from before generations goes on working once, and is then replaced; a
     session from before families (schema 2) ends."""
@@ -602,6 +603,7 @@ def test_sessions_survive_the_upgrade_from_schema_3(settings: Settings, clock: C
     assert query(settings.database, "pragma user_version")[0][0] == len(MIGRATIONS)
 
 
+@pytest.mark.sqlite_only
 def test_the_live_token_survives_the_upgrade_from_schema_4(settings: Settings, clock: Clock) -> None:
     """Of a schema-4 session's tokens, the newest unspent one stays live; spent ones and forks are forgotten
     (presenting one changes nothing, since a token without a MAC cannot be told from a made-up one)."""

@@ -16,16 +16,14 @@ from typing import Any
 
 import jwt
 import pytest
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from starlette.testclient import TestClient
 
-from jwtauth.config import Settings
 from jwtauth.keys import public_jwk
 from jwtauth.tokens import public_keys_of
 from jwtauth.verify import Fetched, InvalidTokenError, JWKSClient, Verifier, fetch_url, max_age_of
 
-from .conftest import ISSUER, Account, Clock, login
+from .conftest import ISSUER, Account, Clock, login, private_key
 
 JWKS_URI = f"{ISSUER}/.well-known/jwks.json"
 DISCOVERY_URI = f"{ISSUER}/.well-known/openid-configuration"
@@ -81,13 +79,6 @@ def resigned(token: str, key: rsa.RSAPrivateKey | bytes | str, header: Mapping[s
     headers = {**jwt.get_unverified_header(token), **(header or {})}
     payload = {**jwt.decode(token, options={"verify_signature": False}), **claims}
     return jwt.encode(payload, key, algorithm=headers["alg"], headers=headers)
-
-
-def our_private_key(settings: Settings, kid: str) -> rsa.RSAPrivateKey:
-    """A signing key read from the keys directory, as an insider would."""
-    key = serialization.load_pem_private_key((settings.keys_dir / f"{kid}.pem").read_bytes(), password=None)
-    assert isinstance(key, rsa.RSAPrivateKey)
-    return key
 
 
 def rejection(verifier: Verifier, token: str) -> str:
@@ -160,17 +151,17 @@ def test_token_for_another_audience_is_rejected(recorder: Recorder, clock: Clock
 
 
 def test_token_of_another_issuer_signed_with_our_key_is_rejected(
-    verifier: Verifier, settings: Settings, token: str
+    verifier: Verifier, env: dict[str, str], token: str
 ) -> None:
-    forged = resigned(token, our_private_key(settings, str(jwt.get_unverified_header(token)["kid"])), iss=ISSUER + ".x")
+    forged = resigned(token, private_key(env, str(jwt.get_unverified_header(token)["kid"])), iss=ISSUER + ".x")
 
     assert "issuer" in rejection(verifier, forged).lower()
 
 
 def test_token_of_another_type_signed_with_our_key_is_rejected(
-    verifier: Verifier, settings: Settings, token: str
+    verifier: Verifier, env: dict[str, str], token: str
 ) -> None:
-    key = our_private_key(settings, str(jwt.get_unverified_header(token)["kid"]))
+    key = private_key(env, str(jwt.get_unverified_header(token)["kid"]))
 
     assert rejection(verifier, resigned(token, key, {"typ": "JWT"})) == "not an access token"
 

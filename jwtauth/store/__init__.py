@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from jwtauth.config import Settings
-from jwtauth.errors import StoreError
 from jwtauth.keys import KeyRepository
 from jwtauth.sessions import Decision, SessionState, SpentToken, User
 
@@ -159,10 +158,12 @@ def open_store(settings: Settings) -> Store:
     """The store that JWTAUTH_DATABASE names: a `postgresql://` (or `postgres://`) URL, else a SQLite file.
 
     Raises:
-        StoreError: the database is not one this jwtauth can use.
+        ConfigError: PostgreSQL without JWTAUTH_KEYS_PASSPHRASE.
     """
     if is_postgres_url(settings.database):
-        raise StoreError("PostgreSQL is not supported yet")
+        from jwtauth.store.postgres import PostgresStore  # psycopg is imported only where it is used
+
+        return PostgresStore(settings)
     from jwtauth.store.sqlite import SqliteStore
 
     return SqliteStore(Path(settings.database), settings.keys_dir, settings.db_busy_timeout)

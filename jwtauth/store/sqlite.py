@@ -281,7 +281,7 @@ class SqliteStore:
 
     def is_usable(self) -> bool:
         try:
-            self._read("select count(*) from users")
+            self._read("select 1 from users limit 1")
         except (sqlite3.Error, StoreUnavailableError):
             return False
         return True

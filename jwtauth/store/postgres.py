@@ -1,0 +1,566 @@
+"""The PostgreSQL backend: every SQL statement for a database that many jwtauth processes, on any number of
+machines, share (psycopg 3 with psycopg_pool; the store is synchronous and runs in worker threads).
+
+- A rotation locks its session's row (SELECT … FOR UPDATE) under `SET LOCAL lock_timeout`: concurrent
+  refreshes of one session, from any node, are decided one after another; a wait past the busy timeout
+  ends in StoreUnavailableError (503), never in two winners.
+- Login counters are counted by INSERT … ON CONFLICT DO UPDATE, all or none in one transaction.
+- The sweep deletes ended sessions a small batch at a time, FOR UPDATE SKIP LOCKED, so nodes that sweep
+  at once share the work instead of waiting for each other.
+- Schema changes and key changes are made under transaction-scoped advisory locks.
+- The signing keys and the refresh secret live in the database as encrypted PKCS#8 PEM (PostgresKeyRepository).
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import shutil
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import anyio.to_thread
+import psycopg
+import psycopg.errors
+from psycopg import Connection
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from jwtauth.config import Settings
+from jwtauth.errors import ConfigError, ConflictError, KeyStoreError, StoreError, StoreUnavailableError
+from jwtauth.keys import REFRESH_SECRET, KeyChange, KeyEntry, KeyRepository, StoredKeys
+from jwtauth.sessions import Decision, SessionState, User
+from jwtauth.store import Snapshot, decode_spent, encode_spent
+
+T = TypeVar("T")
+Row = tuple[Any, ...]
+
+SCHEMA_LOCK, KEYS_LOCK = 0x6A77_7461_7501, 0x6A77_7461_7502  # advisory lock ids: "jwtau" + 1, 2
+# Each step moves the schema one version up, in its own transaction; jwtauth_schema records the version.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """create table users (
+            id text primary key,
+            email text not null unique,  -- stored normalised
+            name text not null default '',
+            password_hash text not null,
+            is_disabled boolean not null default false,
+            created_at bigint not null,
+            updated_at bigint not null,
+            last_login_key text  -- the throttle key of the address of the last successful login
+        )""",
+        # One row per session, whatever the number of rotations (sessions.decide_rotation).
+        """create table sessions (
+            id text primary key,
+            family text not null unique,
+            user_id text not null references users(id) on delete cascade,
+            created_at double precision not null,
+            revoked_at double precision,
+            generation bigint not null,  -- of the live token
+            token_hash text not null,  -- SHA-256 of the live token, never the token itself
+            expires_at double precision not null,  -- of the live token
+            spent text not null default '[]'  -- JSON: [generation, spent_at, sealed successor (base64)]
+        )""",
+        "create index sessions_by_user on sessions(user_id, created_at)",
+        "create index sessions_by_expiry on sessions(expires_at)",
+        # Login attempts per key (SHA-256 of email and address, of the address, of the email), in fixed windows.
+        """create table login_attempts (
+            key text primary key,
+            window_start bigint not null,
+            attempts integer not null
+        )""",
+        # The key set: PKCS#8 PEMs encrypted with JWTAUTH_KEYS_PASSPHRASE; `version` changes with every change.
+        """create table signing_keys (
+            kid text primary key,
+            state text not null check (state in ('next', 'current', 'retired')),
+            size integer not null,
+            created_at bigint not null,
+            activated_at bigint,
+            retired_at bigint,
+            pem text not null
+        )""",
+        """create table key_set (
+            id integer primary key check (id = 1),
+            version bigint not null,
+            refresh_secret text
+        )""",
+        "insert into key_set (id, version) values (1, 0)",
+    ),
+)
+SWEEP_BATCH = 500  # sessions deleted per transaction
+CONNECT_TIMEOUT = 5  # seconds, unless the URL says otherwise
+FAIL_FAST_SECONDS = 0.2  # how long a request waits for a connection while the database is known to be down
+
+_USER_COLUMNS = "users.id, email, name, password_hash, is_disabled, users.created_at, updated_at, last_login_key"
+_SESSION_COLUMNS = "sessions.id, family, sessions.created_at, generation, token_hash, expires_at, revoked_at, spent"
+_SELECT_SESSION = f"select {_SESSION_COLUMNS}, {_USER_COLUMNS} from sessions join users on users.id = sessions.user_id"
+_KEY_COLUMNS = "kid, state, size, created_at, activated_at, retired_at"
+
+
+class PostgresStore:
+    """A PostgreSQL database shared by any number of processes; a pool of connections per process."""
+
+    def __init__(self, settings: Settings) -> None:
+        """Raises:
+        ConfigError: JWTAUTH_KEYS_PASSPHRASE is not set (the keys live in the database, encrypted)."""
+        if not settings.keys_passphrase:
+            raise ConfigError("JWTAUTH_KEYS_PASSPHRASE must be set with PostgreSQL: the keys are stored encrypted")
+        self.url = settings.database
+        self.busy_timeout = settings.db_busy_timeout
+        conninfo = _conninfo(settings.database)
+        self.description = _describe(conninfo)  # for messages: never the password
+        self.pool: ConnectionPool[Connection[Row]] = ConnectionPool(
+            conninfo,
+            kwargs={"autocommit": True, "prepare_threshold": 5 if settings.db_prepared_statements else None},
+            min_size=1,
+            max_size=settings.db_pool_size,
+            open=False,
+            check=_check_alive,
+            timeout=settings.db_busy_timeout,
+            reconnect_timeout=1.0,  # give up soon: the next request asks for a connection at once
+            name="jwtauth",
+        )
+        self._opened = False
+        self._open_lock = threading.Lock()
+        self._down_since: float | None = None  # a connection failed: later requests do not wait long
+
+    # Connections and transactions
+
+    def _open(self) -> None:
+        with self._open_lock:
+            if not self._opened:
+                self.pool.open(wait=False)
+                self._opened = True
+
+    @contextmanager
+    def _connection(self) -> Iterator[Connection[Row]]:
+        """A pooled connection in autocommit mode.
+
+        Raises:
+            StoreUnavailableError: no connection within the timeout, or the connection broke.
+        """
+        self._open()
+        timeout = FAIL_FAST_SECONDS if self._down_since is not None else self.busy_timeout
+        try:
+            with self.pool.connection(timeout=timeout) as conn:
+                yield conn
+        except (PoolTimeout, psycopg.OperationalError) as exc:
+            # OperationalError: the connection broke, a lock or statement timed out, the server shuts down.
+            self._down_since = self._down_since or time.monotonic()
+            raise StoreUnavailableError(f"{self.description}: {exc}") from exc
+        self._down_since = None
+
+    @contextmanager
+    def _transaction(self, lock_timeout: float | None = None) -> Iterator[Connection[Row]]:
+        with self._connection() as conn, conn.transaction():
+            if lock_timeout is not None:
+                conn.execute(f"set local lock_timeout = {int(lock_timeout * 1000)}")
+            yield conn
+
+    def _read(self, sql: str, parameters: Sequence[object] = ()) -> list[Row]:
+        with self._connection() as conn:
+            return conn.execute(sql, parameters).fetchall()
+
+    async def run(self, work: Callable[[], T]) -> T:
+        """Every database call waits on the network: in a worker thread."""
+        return await anyio.to_thread.run_sync(work)
+
+    # The database as a whole
+
+    def migrate(self) -> None:
+        """Each step in its own transaction, under an advisory lock: of nodes that start at once on an empty
+        database, one creates the schema and the others find it made."""
+        try:
+            for number, statements in enumerate(MIGRATIONS, start=1):
+                with self._transaction() as conn:
+                    conn.execute("select pg_advisory_xact_lock(%s)", [SCHEMA_LOCK])
+                    conn.execute("create table if not exists jwtauth_schema (version integer not null)")
+                    row = conn.execute("select version from jwtauth_schema").fetchone()
+                    version = 0 if row is None else int(row[0])
+                    if version > len(MIGRATIONS):
+                        raise StoreError(f"database {self.description} has schema {version}, newer than this jwtauth")
+                    if version >= number:
+                        continue
+                    for statement in statements:
+                        conn.execute(statement)
+                    if row is None:
+                        conn.execute("insert into jwtauth_schema (version) values (%s)", [number])
+                    else:
+                        conn.execute("update jwtauth_schema set version = %s", [number])
+        except (StoreUnavailableError, psycopg.Error) as exc:
+            self.close()
+            raise StoreError(f"cannot use database {self.description}: {_first_line(exc)}") from None
+
+    def close(self) -> None:
+        with self._open_lock:
+            if self._opened:
+                self.pool.close()
+                self._opened = False
+
+    def is_usable(self) -> bool:
+        try:
+            self._read("select 1 from users limit 1")
+        except (StoreUnavailableError, psycopg.Error):
+            return False
+        return True
+
+    def check(self) -> list[str]:
+        """The connection, the schema version, and emails that would collide after normalisation."""
+        try:
+            rows = self._read("select version from jwtauth_schema")
+        except psycopg.errors.UndefinedTable:
+            return [f"database {self.description} has no jwtauth schema"]
+        except psycopg.Error as exc:
+            return [f"database {self.description}: {_first_line(exc)}"]
+        if not rows or rows[0][0] != len(MIGRATIONS):
+            return [f"database {self.description} has schema {rows[0][0] if rows else 0}, not {len(MIGRATIONS)}"]
+        return []
+
+    def backup(self, target: Path) -> None:
+        """pg_dump's custom format, written 0600 (it holds the password hashes and the encrypted keys)."""
+        pg_dump = shutil.which("pg_dump")
+        if pg_dump is None:
+            raise StoreError("cannot back up: pg_dump is not on the PATH (install the PostgreSQL client)")
+        params = conninfo_to_dict(_conninfo(self.url))
+        password = params.pop("password", None)  # in the environment, not on a command line `ps` shows
+        env = {**os.environ, **({"PGPASSWORD": str(password)} if password else {})}
+        temporary = target.with_name(f".{target.name}.tmp")
+        try:
+            temporary.unlink(missing_ok=True)
+            os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            result = subprocess.run(  # noqa: S603 - a fixed program and arguments, no shell
+                [pg_dump, "--format=custom", f"--file={temporary}", f"--dbname={make_conninfo('', **params)}"],
+                env=env, capture_output=True, text=True, check=False,
+            )  # fmt: skip
+            if result.returncode != 0:
+                raise StoreError(f"pg_dump failed: {result.stderr.strip().splitlines()[-1:] or result.returncode}")
+            os.replace(temporary, target)
+        except OSError as exc:
+            raise StoreError(f"cannot back up to {target}: {exc.strerror or exc}") from None
+        finally:
+            temporary.unlink(missing_ok=True)
+
+    def key_repository(self) -> KeyRepository:
+        return PostgresKeyRepository(self)
+
+    # Users
+
+    def add_user(self, email: str, name: str, password_hash: str, now: int) -> User:
+        user = User(str(uuid.uuid4()), email, name, password_hash, False, now, now)
+        try:
+            with self._transaction() as conn:
+                conn.execute(
+                    "insert into users (id, email, name, password_hash, created_at, updated_at)"
+                    " values (%s, %s, %s, %s, %s, %s)",
+                    [user.id, email, name, password_hash, now, now],
+                )
+        except psycopg.errors.UniqueViolation:
+            raise ConflictError("a user with this email exists") from None
+        return user
+
+    def find_user_by_email(self, email: str) -> User | None:
+        return _user(_first(self._read(f"select {_USER_COLUMNS} from users where email = %s", [email])))
+
+    def find_user(self, user_id: str) -> User | None:
+        return _user(_first(self._read(f"select {_USER_COLUMNS} from users where id = %s", [user_id])))
+
+    def list_users(self) -> list[User]:
+        rows = self._read(f"select {_USER_COLUMNS} from users order by created_at, email")
+        return [user for user in map(_user, rows) if user is not None]
+
+    def set_password_hash(self, user_id: str, password_hash: str, now: int) -> None:
+        with self._connection() as conn:
+            conn.execute(
+                "update users set password_hash = %s, updated_at = %s where id = %s", [password_hash, now, user_id]
+            )
+
+    def set_user_disabled(self, user_id: str, is_disabled: bool, now: int) -> None:
+        with self._connection() as conn:
+            conn.execute(
+                "update users set is_disabled = %s, updated_at = %s where id = %s", [is_disabled, now, user_id]
+            )
+
+    # Sessions
+
+    def start_session(self, session: SessionState, max_sessions: int, address_key: str) -> int:
+        with self._transaction() as conn:
+            _insert_session(conn, session)
+            conn.execute("update users set last_login_key = %s where id = %s", [address_key, session.user.id])
+            cursor = conn.execute(
+                "update sessions set revoked_at = %(now)s where id in (select id from sessions"
+                " where user_id = %(user)s and revoked_at is null and expires_at > %(now)s"
+                " order by created_at desc offset %(keep)s)",
+                {"now": session.created_at, "user": session.user.id, "keep": max_sessions},
+            )
+            return cursor.rowcount
+
+    def rotate(self, family: str, decide: Callable[[SessionState | None], Decision]) -> Decision:
+        """The session's row is locked until the decision is saved: concurrent rotations wait their turn."""
+        with self._transaction(lock_timeout=self.busy_timeout) as conn:
+            row = conn.execute(f"{_SELECT_SESSION} where family = %s for update of sessions", [family]).fetchone()
+            decision = decide(_session(row))
+            state = decision.state
+            if decision.outcome == "rotated" and state is not None:
+                conn.execute(
+                    "update sessions set generation = %s, token_hash = %s, expires_at = %s, spent = %s where id = %s",
+                    [state.generation, state.token_hash, state.expires_at, encode_spent(state.spent), state.id],
+                )
+            elif decision.outcome == "reuse_detected" and state is not None:
+                conn.execute(
+                    "update sessions set revoked_at = %s, spent = '[]' where id = %s", [state.revoked_at, state.id]
+                )
+            return decision
+
+    def find_session(self, family: str) -> SessionState | None:
+        return _session(_first(self._read(f"{_SELECT_SESSION} where family = %s", [family])))
+
+    def revoke_session(self, session_id: str, now: float) -> int:
+        return self._revoke("id = %s", [session_id], now)
+
+    def revoke_user_sessions(self, user_id: str, now: float) -> int:
+        return self._revoke("user_id = %s", [user_id], now)
+
+    def revoke_all_sessions(self, now: float) -> int:
+        return self._revoke("true", [], now)
+
+    def _revoke(self, where: str, parameters: list[object], now: float) -> int:
+        with self._connection() as conn:
+            return conn.execute(
+                f"update sessions set revoked_at = %s, spent = '[]' where revoked_at is null and {where}",
+                [now, *parameters],
+            ).rowcount
+
+    def find_session_user(self, session_id: str) -> User | None:
+        return _user(_first(self._read(
+            f"select {_USER_COLUMNS} from sessions join users on users.id = sessions.user_id"
+            " where sessions.id = %s and sessions.revoked_at is null and not users.is_disabled",
+            [session_id],
+        )))  # fmt: skip
+
+    def count_live_sessions(self, now: float) -> int:
+        rows = self._read("select count(*) from sessions where expires_at > %s and revoked_at is null", [now])
+        return int(rows[0][0])
+
+    def delete_expired(self, now: float, revoked_before: float, attempts_before: int) -> int:
+        deleted = 0
+        while True:
+            with self._transaction() as conn:
+                conn.execute(
+                    "delete from login_attempts where key in (select key from login_attempts"
+                    " where window_start <= %s limit %s for update skip locked)",
+                    [attempts_before, SWEEP_BATCH],
+                )
+                count = conn.execute(
+                    "delete from sessions where id in (select id from sessions where expires_at <= %s"
+                    " or revoked_at <= %s limit %s for update skip locked)",
+                    [now, revoked_before, SWEEP_BATCH],
+                ).rowcount
+            deleted += count
+            if count < SWEEP_BATCH:
+                return deleted
+
+    # Throttling
+
+    def take_login_attempt(self, limits: dict[str, int], now: int, window: int) -> int | None:
+        """Each key counted by one atomic upsert that refuses to go past its limit; if any refuses, the
+        transaction is rolled back, so that a blocked attempt counts under no key."""
+        blocked: list[int] = []
+        try:
+            with self._transaction() as conn:
+                for key in sorted(limits):  # one order for every process: no deadlock between them
+                    row = conn.execute(
+                        "insert into login_attempts as counted (key, window_start, attempts)"
+                        " values (%(key)s, %(now)s, 1) on conflict (key) do update set"
+                        " window_start = case when counted.window_start <= %(passed)s then %(now)s"
+                        "  else counted.window_start end,"
+                        " attempts = case when counted.window_start <= %(passed)s then 1 else counted.attempts + 1 end"
+                        " where counted.window_start <= %(passed)s or counted.attempts < %(limit)s"
+                        " returning attempts",
+                        {"key": key, "now": now, "passed": now - window, "limit": limits[key]},
+                    ).fetchone()
+                    if row is None:
+                        start = conn.execute("select window_start from login_attempts where key = %s", [key]).fetchone()
+                        blocked.append(int(start[0]) + window - now if start else window)
+                if blocked:
+                    raise _Blocked
+        except _Blocked:
+            return max(blocked)
+        return None
+
+    def forgive_login_attempt(self, reset: str, release: Sequence[str]) -> None:
+        with self._transaction() as conn:
+            conn.execute("delete from login_attempts where key = %s", [reset])
+            for key in sorted(release):
+                conn.execute("update login_attempts set attempts = greatest(attempts - 1, 0) where key = %s", [key])
+
+    # Moving a deployment
+
+    def export(self, now: float) -> Snapshot:
+        users = self.list_users()
+        rows = self._read(
+            f"{_SELECT_SESSION} where revoked_at is null and expires_at > %s order by sessions.created_at", [now]
+        )
+        return Snapshot(users, [session for session in map(_session, rows) if session is not None])
+
+    def import_(self, snapshot: Snapshot) -> None:
+        with self._transaction() as conn:
+            conn.execute("select pg_advisory_xact_lock(%s)", [KEYS_LOCK])
+            row = conn.execute(
+                "select exists (select 1 from users) or exists (select 1 from sessions)"
+                " or exists (select 1 from signing_keys)"
+            ).fetchone()
+            if row is not None and row[0]:
+                raise StoreError(f"database {self.description} already holds jwtauth data; nothing was copied")
+            with conn.cursor() as cursor:
+                cursor.executemany(
+                    f"insert into users ({_USER_COLUMNS.replace('users.', '')})"
+                    " values (%s, %s, %s, %s, %s, %s, %s, %s)",
+                    [(u.id, u.email, u.name, u.password_hash, u.is_disabled, u.created_at, u.updated_at,
+                      u.last_login_key) for u in snapshot.users],
+                )  # fmt: skip
+            for session in snapshot.sessions:
+                _insert_session(conn, session)
+
+
+class _Blocked(Exception):  # rolls back the counts of an attempt that a limit refused
+    pass
+
+
+class PostgresKeyRepository:
+    """The key set in the database: rows of signing_keys, the refresh secret and a version in key_set.
+    A change holds an advisory lock for its transaction; servers look at the version once a second."""
+
+    def __init__(self, store: PostgresStore) -> None:
+        self.store = store
+
+    def version(self) -> object:
+        try:
+            rows = self.store._read("select version from key_set where id = 1")
+        except (StoreUnavailableError, psycopg.Error) as exc:
+            raise KeyStoreError(f"cannot read the key set from {self.store.description}: {_first_line(exc)}") from None
+        return rows[0][0] if rows else None
+
+    def read(self) -> StoredKeys:
+        try:
+            with self.store._transaction() as conn:
+                stored = _read_keys(conn)
+        except (StoreUnavailableError, psycopg.Error) as exc:
+            raise KeyStoreError(f"cannot read the key set from {self.store.description}: {_first_line(exc)}") from None
+        if stored is None:
+            raise KeyStoreError(f"database {self.store.description} holds no key set yet")
+        return stored
+
+    @contextmanager
+    def change(self) -> Iterator[KeyChange]:
+        try:
+            with self.store._transaction() as conn:
+                conn.execute("select pg_advisory_xact_lock(%s)", [KEYS_LOCK])
+                yield _PostgresKeyChange(conn)
+        except (StoreUnavailableError, psycopg.Error) as exc:
+            raise KeyStoreError(f"cannot change the key set in {self.store.description}: {_first_line(exc)}") from None
+
+    def where(self, name: str) -> str:
+        what = "the refresh secret" if name == REFRESH_SECRET else f"key {name}"
+        return f"({what} in {self.store.description})"
+
+
+class _PostgresKeyChange:
+    def __init__(self, conn: Connection[Row]) -> None:
+        self.conn = conn
+
+    def read(self) -> StoredKeys | None:
+        return _read_keys(self.conn)
+
+    def write(self, keys: StoredKeys) -> list[str]:
+        kids = [entry.kid for entry in keys.entries]
+        deleted = [row[0] for row in self.conn.execute(
+            "delete from signing_keys where not (kid = any(%s)) returning kid", [kids]
+        ).fetchall()]  # fmt: skip
+        for entry in keys.entries:
+            self.conn.execute(
+                f"insert into signing_keys ({_KEY_COLUMNS}, pem) values (%s, %s, %s, %s, %s, %s, %s)"
+                " on conflict (kid) do update set state = excluded.state, activated_at = excluded.activated_at,"
+                " retired_at = excluded.retired_at",
+                [entry.kid, entry.state, entry.size, entry.created_at, entry.activated_at, entry.retired_at,
+                 keys.pems[entry.kid].decode()],
+            )  # fmt: skip
+        secret = keys.refresh_secret.decode() if keys.refresh_secret else None
+        self.conn.execute("update key_set set version = version + 1, refresh_secret = %s where id = 1", [secret])
+        return deleted
+
+
+def _read_keys(conn: Connection[Row]) -> StoredKeys | None:
+    rows = conn.execute(  # in the order of the lifecycle, as the JWKS lists them
+        f"select {_KEY_COLUMNS}, pem from signing_keys order by created_at,"
+        " case state when 'retired' then 0 when 'current' then 1 else 2 end, kid"
+    ).fetchall()
+    secret_row = conn.execute("select refresh_secret from key_set where id = 1").fetchone()
+    if not rows:
+        return None
+    entries = tuple(KeyEntry(*row[:6]) for row in rows)
+    secret = secret_row[0].encode() if secret_row and secret_row[0] else None
+    return StoredKeys(entries, {row[0]: row[6].encode() for row in rows}, secret)
+
+
+def _insert_session(conn: Connection[Row], session: SessionState) -> None:
+    conn.execute(
+        "insert into sessions (id, family, user_id, created_at, generation, token_hash, expires_at, spent)"
+        " values (%s, %s, %s, %s, %s, %s, %s, %s)",
+        [session.id, session.family, session.user.id, session.created_at, session.generation, session.token_hash,
+         session.expires_at, encode_spent(session.spent)],
+    )  # fmt: skip
+
+
+def _user(row: Row | None) -> User | None:
+    if row is None:
+        return None
+    id_, email, name, password_hash, is_disabled, created_at, updated_at, last_login_key = row
+    return User(id_, email, name, password_hash, is_disabled, created_at, updated_at, last_login_key)
+
+
+def _session(row: Row | None) -> SessionState | None:
+    if row is None:
+        return None
+    session_id, family, created_at, generation, token_hash, expires_at, revoked_at, spent = row[:8]
+    user = _user(row[8:])
+    assert user is not None
+    return SessionState(
+        session_id, family, user, created_at, generation, token_hash, expires_at, revoked_at, decode_spent(spent)
+    )
+
+
+def _first(rows: list[Row]) -> Row | None:
+    return rows[0] if rows else None
+
+
+def _check_alive(conn: Connection[Row]) -> None:
+    """The pool's check, without a round trip: an idle connection whose socket is readable was closed by the
+    server (a restart, a failover); it is discarded and another one is taken."""
+    poller = select.poll()
+    poller.register(conn.fileno(), select.POLLIN)
+    if poller.poll(0):
+        raise psycopg.OperationalError("the server closed the connection")
+
+
+def _conninfo(url: str) -> str:
+    """The URL as a libpq connection string, with a connect timeout unless it names one."""
+    params = conninfo_to_dict(url)
+    params.setdefault("connect_timeout", CONNECT_TIMEOUT)
+    params.setdefault("application_name", "jwtauth")
+    return make_conninfo("", **params)
+
+
+def _describe(conninfo: str) -> str:
+    params = conninfo_to_dict(conninfo)
+    host, port, dbname = params.get("host", "localhost"), params.get("port", "5432"), params.get("dbname", "")
+    return f"postgresql://{host}:{port}/{dbname}"
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
