@@ -61,3 +61,16 @@ $(NODE_STAMP): tests/node/package.json tests/node/package-lock.json
 	@if command -v node >/dev/null && command -v npm >/dev/null; then \
 		cd tests/node && npm ci --no-audit --no-fund --loglevel=error && touch node_modules/.installed; \
 	else echo "node or npm not found: the Node jose interoperability test will be skipped"; fi
+
+# Debian's chromium for tests/test_spa.py, which Playwright drives at /usr/bin/chromium: `playwright install`
+# (a browser download) is never run. Installed when missing and make runs as root; elsewhere, or when apt-get
+# fails, the browser tests report a skip saying why.
+.PHONY: chromium
+test: chromium
+chromium:
+	@if [ ! -x /usr/bin/chromium ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			(apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium) \
+				|| echo "apt-get could not install chromium: the browser tests will be skipped"; \
+		else echo "/usr/bin/chromium is missing and make is not root: the browser tests will be skipped"; fi; \
+	fi

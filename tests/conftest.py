@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NoReturn
 
 import httpx2 as httpx
 import pytest
@@ -116,6 +116,13 @@ def table_counts(database: str | Path) -> dict[str, int]:
     """Users and sessions, read straight from the database: to show that a rejected request wrote none.
     (Login-attempt counters are meant to change on failures; tests/test_throttle.py.)"""
     return {table: query(database, f"select count(*) from {table}")[0][0] for table in DATA_TABLES}
+
+
+def require_service(name: str, reason: str) -> NoReturn:
+    """Skip the calling test, or the calling test module when called at its top, because `name` (a program,
+    a browser) cannot be had on this machine. The one place where a missing service becomes a skip, printed
+    with its reason by `-ra`; never skip silently."""
+    pytest.skip(f"{name} is not available: {reason}", allow_module_level=True)
 
 
 def free_port() -> int:
