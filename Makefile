@@ -26,16 +26,20 @@ STRICT ?=
 test: $(VENV)/.installed-dev services
 	JWTAUTH_TEST_STRICT=$(STRICT) $(BIN)/python -m pytest
 
-# The tests start their own PostgreSQL cluster (initdb and pg_ctl in a temp dir, on a free port): Debian's
-# postgresql package is installed when it is missing and make runs as root. Elsewhere those tests are skipped
-# with one line saying why.
+# Services the tests start themselves: PostgreSQL (a cluster of their own: initdb and pg_ctl in a temp dir, on a
+# free port) and Debian's chromium (driven by Playwright at /usr/bin/chromium; `playwright install`, a browser
+# download, is never run). Missing ones are installed with apt-get when make runs as root; elsewhere, or when
+# apt-get fails, their tests are skipped with one line saying why.
 .PHONY: services
 services:
-	@if ! command -v initdb >/dev/null && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+	@missing=""; \
+	command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing=" postgresql"; \
+	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
+	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null \
-			|| echo "could not install postgresql: the PostgreSQL tests will be skipped"; \
-		else echo "postgresql is not installed (apt-get install postgresql, as root): the PostgreSQL tests will be skipped"; fi; \
+			(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq$$missing >/dev/null) \
+				|| echo "apt-get could not install$$missing: their tests will be skipped"; \
+		else echo "missing:$$missing, and make is not root: their tests will be skipped"; fi; \
 	fi
 
 lint: $(VENV)/.installed-dev

@@ -20,6 +20,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 from starlette.schemas import SchemaGenerator
 
+from jwtauth import browser
 from jwtauth.config import Settings
 from jwtauth.errors import AccessDeniedError, AuthError, InvalidRequestError, UnsupportedGrantTypeError
 from jwtauth.keys import KeyStore
@@ -38,7 +39,6 @@ from jwtauth.web import (
     render_auth_error,
     render_http_error,
     text_param,
-    token_response,
 )
 
 log = logging.getLogger("jwtauth")
@@ -54,6 +54,7 @@ async def login(request: Request) -> Response:
     responses:
       "200": {$ref: "#/components/responses/TokenPair"}
       "400": {$ref: "#/components/responses/Error"}
+      "403": {$ref: "#/components/responses/Error"}
       "413": {$ref: "#/components/responses/Error"}
       "415": {$ref: "#/components/responses/Error"}
       "429": {$ref: "#/components/responses/Error"}
@@ -68,7 +69,8 @@ async def _password_login(request: Request, email: str, params: Mapping[str, obj
     address = client_address(request, service.settings.trusted_proxies)
     # Argon2 runs in a worker thread, at most one per core, so the event loop keeps serving.
     login = functools.partial(service.login, email, password, address)
-    return token_response(await anyio.to_thread.run_sync(login, limiter=request.state.hash_limiter))
+    pair = await anyio.to_thread.run_sync(login, limiter=request.state.hash_limiter)
+    return browser.token_response(request, pair)
 
 
 async def register(request: Request) -> Response:
@@ -100,12 +102,14 @@ async def register(request: Request) -> Response:
 
 
 async def refresh(request: Request) -> Response:
-    """Rotate a refresh token: a new pair in the same session.
+    """Rotate a refresh token (the field, or a browser's cookie): a new pair in the same session.
     ---
+    parameters: [{$ref: "#/components/parameters/RefreshCookie"}]
     requestBody: {$ref: "#/components/requestBodies/Refresh"}
     responses:
       "200": {$ref: "#/components/responses/TokenPair"}
       "400": {$ref: "#/components/responses/Error"}
+      "403": {$ref: "#/components/responses/Error"}
       "413": {$ref: "#/components/responses/Error"}
       "415": {$ref: "#/components/responses/Error"}
     """
@@ -113,18 +117,22 @@ async def refresh(request: Request) -> Response:
 
 
 async def _refresh(request: Request, params: Mapping[str, object]) -> Response:
-    refresh_token = text_param(params, "refresh_token")
+    refresh_token = browser.presented_token(request, params, "refresh_token")  # the field, or a browser's cookie
     service: AuthService = request.state.service
-    return token_response(await service.run(service.refresh, refresh_token))
+    with browser.clearing_refused_cookie(request):
+        pair = await service.run(service.refresh, refresh_token)
+    return browser.token_response(request, pair)
 
 
 async def token(request: Request) -> Response:
     """The OAuth 2.0 token endpoint (RFC 6749 §3.2): refresh_token grant; password grant if enabled.
     ---
+    parameters: [{$ref: "#/components/parameters/RefreshCookie"}]
     requestBody: {$ref: "#/components/requestBodies/Token"}
     responses:
       "200": {$ref: "#/components/responses/TokenPair"}
       "400": {$ref: "#/components/responses/Error"}
+      "403": {$ref: "#/components/responses/Error"}
       "413": {$ref: "#/components/responses/Error"}
       "415": {$ref: "#/components/responses/Error"}
       "429": {$ref: "#/components/responses/Error"}
@@ -140,41 +148,57 @@ async def token(request: Request) -> Response:
 
 
 async def revoke(request: Request) -> Response:
-    """Revoke the session of a refresh or access token (RFC 7009); 200 for any well-formed request.
+    """Revoke the session of a refresh or access token (RFC 7009), or of a browser's cookie; 200 for any
+    well-formed request.
     ---
+    parameters: [{$ref: "#/components/parameters/RefreshCookie"}]
     requestBody: {$ref: "#/components/requestBodies/Revoke"}
     responses:
       "200":
-        description: Revoked, or nothing to revoke
+        description: Revoked, or nothing to revoke; a cookie that named the session is cleared
+        headers: {Set-Cookie: {description: "jwtauth_refresh=; Max-Age=0; ...", schema: {type: string}}}
         content: {application/json: {schema: {$ref: "#/components/schemas/Empty"}}}
       "400": {$ref: "#/components/responses/Error"}
+      "403": {$ref: "#/components/responses/Error"}
       "413": {$ref: "#/components/responses/Error"}
       "415": {$ref: "#/components/responses/Error"}
     """
-    token = text_param(await read_params(request), "token")  # token_type_hint is optional: both kinds are tried
+    # token_type_hint is optional: both kinds are tried. A browser may name its session by the cookie instead.
+    token = browser.presented_token(request, await read_params(request), "token")
     service: AuthService = request.state.service
     await service.run(service.revoke, token)
+    browser.forget_presented_cookie(request)
     return JSONResponse({}, headers={"Cache-Control": "no-store"})  # RFC 7009 §2.2: 200 for any token
 
 
 async def logout(request: Request) -> Response:
-    """End the bearer's session (scope local) or every session of its user (scope global).
+    """End the bearer's session (scope local) or every session of its user (scope global); from a browser,
+    the cookie may name the session instead.
     ---
-    security: [{bearer: []}]
+    security: [{bearer: []}, {refreshCookie: []}]
     requestBody: {$ref: "#/components/requestBodies/Logout"}
     responses:
-      "204": {description: Logged out}
+      "204":
+        description: Logged out; to an allowed origin, the cookie is cleared
+        headers: {Set-Cookie: {description: "jwtauth_refresh=; Max-Age=0; ...", schema: {type: string}}}
       "400": {$ref: "#/components/responses/Error"}
       "401": {$ref: "#/components/responses/Error"}
+      "403": {$ref: "#/components/responses/Error"}
       "413": {$ref: "#/components/responses/Error"}
       "415": {$ref: "#/components/responses/Error"}
     """
-    access_token = parse_bearer(request.headers.get("authorization"))
+    cookie = browser.logout_cookie(request)  # from an allowed origin, the cookie may stand for the bearer
+    access_token = "" if cookie else parse_bearer(request.headers.get("authorization"))
     scope = (await read_params(request)).get("scope", "local")
     if not isinstance(scope, str):
         raise InvalidRequestError("scope must be local or global")
     service: AuthService = request.state.service
-    await service.run(service.logout, access_token, scope)
+    with browser.clearing_refused_cookie(request):
+        if cookie:
+            await service.run(service.logout_by_refresh_token, cookie, scope)
+        else:
+            await service.run(service.logout, access_token, scope)
+    browser.clear_cookie(request)
     return Response(status_code=204)
 
 
@@ -345,7 +369,7 @@ def create_app(settings: Settings, clock: Callable[[], float] = time.time) -> St
             HTTPException: render_http_error,
         },
     )
-    app.add_middleware(Envelope)
+    app.add_middleware(Envelope, gate=browser.Browser(settings))
     return app
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import getpass
 import json
 import os
@@ -84,11 +85,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = Settings.from_env({**os.environ, **overrides})
         if args.verb == "serve":
             return serve(settings, overrides, args)
-        if args.verb == "users":
-            return manage_users(settings, args)
-        if args.verb == "db":
-            return manage_database(settings, args)
-        return manage_keys(settings, args)
+        with contextlib.closing(open_store(settings)) as store:
+            if args.verb == "users":
+                return manage_users(settings, store, args)
+            if args.verb == "db":
+                return manage_database(settings, store, args)
+            return manage_keys(settings, store, args)
     except (AuthError, CommandError) as exc:
         print(f"jwtauth: {exc.description if isinstance(exc, AuthError) else exc}", file=sys.stderr)
     except (ConfigError, KeyStoreError, StoreError) as exc:
@@ -151,19 +153,8 @@ def read_new_password(from_stdin: bool) -> str:
     return password
 
 
-def opened_store(settings: Settings) -> Store:
-    """The deployment's store, its schema brought up to date.
-
-    Raises:
-        StoreError: the database cannot be used.
-    """
-    store = open_store(settings)
+def manage_users(settings: Settings, store: Store, args: argparse.Namespace) -> int:
     store.migrate()
-    return store
-
-
-def manage_users(settings: Settings, args: argparse.Namespace) -> int:
-    store = opened_store(settings)
     admin = UserAdmin(store, PasswordHasher(settings.argon2), time.time)
     if args.action == "add":
         user = admin.add_user(args.email, read_new_password(args.password_stdin), args.name)
@@ -187,8 +178,7 @@ def manage_users(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def manage_database(settings: Settings, args: argparse.Namespace) -> int:
-    store = open_store(settings)
+def manage_database(settings: Settings, store: Store, args: argparse.Namespace) -> int:
     if args.action == "backup":
         store.backup(Path(args.path))
         print(f"backed up {settings.database} to {args.path}")
@@ -200,8 +190,9 @@ def manage_database(settings: Settings, args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
-def manage_keys(settings: Settings, args: argparse.Namespace) -> int:
-    keystore = KeyStore.from_settings(settings, opened_store(settings).key_repository())
+def manage_keys(settings: Settings, store: Store, args: argparse.Namespace) -> int:
+    store.migrate()
+    keystore = KeyStore.from_settings(settings, store.key_repository())
     now = int(time.time())
     keyset = keystore.load_or_create(now)
     if args.action == "rotate":

@@ -5,9 +5,11 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import argon2
 
@@ -24,9 +26,46 @@ OVERRIDABLE = (
     "ARGON2_PARALLELISM", "LOGIN_MAX_FAILURES", "LOGIN_WINDOW", "LOGIN_MAX_FAILURES_PER_ADDRESS",
     "LOGIN_MAX_FAILURES_PER_ACCOUNT", "MAX_SESSIONS_PER_USER", "TRUSTED_PROXIES", "DB_BUSY_TIMEOUT_MS",
     "DB_POOL_SIZE", "DB_PREPARED_STATEMENTS", "HASH_CONCURRENCY", "OPEN_REGISTRATION", "PASSWORD_GRANT",
+    "CORS_ORIGINS",
 )  # fmt: skip
 _MAX_NUMBER = 1_000_000_000  # no setting needs more; far below what overflows SQLite or a timestamp
 CLIENT_ID = "jwtauth"  # the first-party client every token is issued to (RFC 9068 §2.2 client_id)
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+_LABEL = r"[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?"  # underscores too: some container hosts have them
+_ORIGIN = re.compile(rf"(https?)://({_LABEL}(?:\.{_LABEL})*|\[[0-9a-f:.]+\])(?::([0-9]{{1,5}}))?", re.IGNORECASE)
+
+
+def normalise_origin(text: str) -> str:
+    """Return an origin `scheme://host[:port]` as a browser sends it in `Origin` (RFC 6454 §6.2): scheme and
+    host in lower case, IPv6 in its short form, the scheme's default port left out.
+
+    Raises:
+        ValueError: anything else: another scheme, a path (even `/`), a query, user info, a wildcard, `null`.
+    """
+    match = _ORIGIN.fullmatch(text)
+    if match is None:
+        raise ValueError(f"{text!r} is not an origin of the form scheme://host[:port]")
+    scheme, host, port = match[1].lower(), match[2].lower(), match[3]
+    if host.startswith("["):
+        try:
+            host = f"[{ipaddress.IPv6Address(host[1:-1]).compressed}]"
+        except ValueError:
+            raise ValueError(f"{text!r} does not hold a valid IPv6 address") from None
+    if port is not None and not 0 < int(port) < 65536:
+        raise ValueError(f"{text!r} has a port outside 1-65535")
+    if port is not None and int(port) != _DEFAULT_PORTS[scheme]:
+        host = f"{host}:{int(port)}"
+    return f"{scheme}://{host}"
+
+
+def issuer_origin(issuer: str) -> str:
+    """The origin of an issuer URL (scheme, host and port, the default port left out).
+
+    Raises:
+        ValueError: the issuer's scheme and authority are not an http(s) origin.
+    """
+    parts = urlsplit(issuer)
+    return normalise_origin(f"{parts.scheme}://{parts.netloc}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,12 +97,18 @@ class Settings:
     hash_concurrency: int = field(default_factory=lambda: len(os.sched_getaffinity(0)))  # Argon2 at once
     open_registration: bool = False
     password_grant: bool = False
+    cors_origins: tuple[str, ...] = ()  # besides the issuer's own origin; each as normalise_origin returns it
 
     def __post_init__(self) -> None:
         if self.key_size not in KEY_SIZES:
             raise ConfigError(f"JWTAUTH_KEY_SIZE must be one of {', '.join(map(str, KEY_SIZES))}, not {self.key_size}")
-        if not self.issuer.startswith(("https://", "http://")):
-            raise ConfigError(f"JWTAUTH_ISSUER must be an http(s) URL, not {self.issuer!r}")
+        try:
+            issuer_origin(self.issuer)
+        except ValueError:
+            raise ConfigError(f"JWTAUTH_ISSUER must be an http(s) URL, not {self.issuer!r}") from None
+        for origin in self.cors_origins:
+            if not _is_normal_origin(origin):
+                raise ConfigError(f"JWTAUTH_CORS_ORIGINS must list origins (scheme://host[:port]), not {origin!r}")
         if self.argon2.memory_cost < 8 * self.argon2.parallelism:
             raise ConfigError("JWTAUTH_ARGON2_MEMORY_KIB must be at least 8 x JWTAUTH_ARGON2_PARALLELISM")
 
@@ -114,7 +159,15 @@ class Settings:
             hash_concurrency=reader.number("HASH_CONCURRENCY", defaults.hash_concurrency, minimum=1),
             open_registration=reader.flag("OPEN_REGISTRATION", defaults.open_registration),
             password_grant=reader.flag("PASSWORD_GRANT", defaults.password_grant),
+            cors_origins=reader.origins("CORS_ORIGINS"),
         )
+
+
+def _is_normal_origin(origin: str) -> bool:
+    try:
+        return normalise_origin(origin) == origin
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +202,13 @@ class _Reader:
             raise ConfigError(
                 f"JWTAUTH_{name} must be IP addresses or networks, comma-separated, not {raw!r}"
             ) from None
+
+    def origins(self, name: str) -> tuple[str, ...]:
+        raw = self.env.get(f"JWTAUTH_{name}", "")
+        try:
+            return tuple(dict.fromkeys(normalise_origin(item.strip()) for item in raw.split(",") if item.strip()))
+        except ValueError as bad:
+            raise ConfigError(f"JWTAUTH_{name} must be comma-separated origins (scheme://host[:port]): {bad}") from None
 
     def flag(self, name: str, default: bool) -> bool:
         raw = self.env.get(f"JWTAUTH_{name}")

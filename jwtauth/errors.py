@@ -49,6 +49,12 @@ class AccessDeniedError(AuthError):
     error, status_code = "access_denied", 403
 
 
+class OriginNotAllowedError(AuthError):
+    """A POST from a browser page on an origin that may not call jwtauth (CSRF, login CSRF; API.md)."""
+
+    status_code = 403
+
+
 class UnsupportedMediaTypeError(AuthError):
     """A body that is neither JSON nor form-encoded."""
 

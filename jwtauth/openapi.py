@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from jwtauth import __version__
+from jwtauth.browser import COOKIE
 from jwtauth.passwords import MAX_PASSWORD_LENGTH
 from jwtauth.service import MAX_EMAIL_LENGTH, MAX_NAME_LENGTH
 from jwtauth.web import MAX_PARAM_LENGTH
@@ -36,7 +37,26 @@ BASE: dict[str, Any] = {
         "description": "Logins with Argon2, RS256 access tokens (RFC 9068), rotating refresh tokens, JWKS.",
     },
     "components": {
-        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}},
+        "securitySchemes": {
+            "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"},
+            "refreshCookie": {  # /logout from an allowed origin (API.md "Browser apps")
+                "type": "apiKey",
+                "in": "cookie",
+                "name": COOKIE,
+                "description": "The refresh-token cookie; taken only from an origin in JWTAUTH_CORS_ORIGINS.",
+            },
+        },
+        "parameters": {
+            "RefreshCookie": {
+                "name": COOKIE,
+                "in": "cookie",
+                "required": False,
+                "schema": {"type": "string"},
+                "description": "The refresh token of a browser app (HttpOnly), used when the body names no token;"
+                " taken only from an origin in JWTAUTH_CORS_ORIGINS (or the issuer's own) and ignored without"
+                " an Origin header.",
+            }
+        },
         "schemas": {
             "Error": _object(
                 ["error", "error_description"],
@@ -45,7 +65,7 @@ BASE: dict[str, Any] = {
                 request_id={"type": "string"},
             ),
             "TokenPair": _object(
-                ["access_token", "token_type", "expires_in", "refresh_token", "refresh_expires_in"],
+                ["access_token", "token_type", "expires_in", "refresh_expires_in"],  # refresh_token: see Set-Cookie
                 access_token={"type": "string"},
                 token_type={"type": "string", "enum": ["Bearer"]},
                 expires_in={"type": "integer"},
@@ -64,9 +84,9 @@ BASE: dict[str, Any] = {
             "User": _object(
                 ["id", "email", "name"], id={"type": "string"}, email={"type": "string"}, name={"type": "string"}
             ),
-            "Refresh": _object(["refresh_token"], refresh_token=_string(MAX_PARAM_LENGTH)),
+            "Refresh": _object([], refresh_token=_string(MAX_PARAM_LENGTH)),  # or the cookie, from a browser
             "Revoke": _object(
-                ["token"],
+                [],  # or the cookie, from a browser
                 token=_string(MAX_PARAM_LENGTH),
                 token_type_hint={"type": "string", "enum": ["access_token", "refresh_token"]},
             ),
@@ -87,7 +107,8 @@ BASE: dict[str, Any] = {
             "Health": _object(["status"], status={"type": "string", "enum": ["ok", "unavailable"]}),
         },
         "requestBodies": {
-            **{name: _body(name) for name in ("Login", "Registration", "Refresh", "Revoke")},
+            **{name: _body(name) for name in ("Login", "Registration")},
+            **{name: _body(name, required=False) for name in ("Refresh", "Revoke")},  # a browser sends the cookie
             "Token": _body("Token", media_types=("application/x-www-form-urlencoded",)),  # RFC 6749 §4.3.2
             "Logout": _body("Logout", required=False),
         },
@@ -97,7 +118,15 @@ BASE: dict[str, Any] = {
                 "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
             },
             "TokenPair": {
-                "description": "A new access token and refresh token",
+                "description": "A new access token and refresh token; to an allowed origin, the refresh token"
+                " goes in the Set-Cookie header instead of the body",
+                "headers": {
+                    "Set-Cookie": {
+                        "description": f"To an allowed origin only: `{COOKIE}=<refresh token>; Max-Age=<refresh TTL>;"
+                        " Path=<the issuer's path>; HttpOnly; SameSite=Strict` (and `Secure` on an https issuer)",
+                        "schema": {"type": "string"},
+                    }
+                },
                 "content": {"application/json": {"schema": {"$ref": "#/components/schemas/TokenPair"}}},
             },
         },

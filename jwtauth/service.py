@@ -255,6 +255,32 @@ class AuthService:
             self.store.revoke_user_sessions(user.id, self.clock())
         self._audit("logout", user=user.id, sid=claims["sid"], scope=scope)
 
+    @answers_store_errors
+    def logout_by_refresh_token(self, refresh_token: str, scope: str) -> None:
+        """End the session of a refresh token (`local`) or every session of its user (`global`): a browser's
+        logout, whose cookie names the session (API.md "Browser apps").
+
+        Raises:
+            InvalidRequestError: scope is neither local nor global.
+            InvalidTokenError: the token names no live session.
+            TemporarilyUnavailableError: the database cannot answer now.
+        """
+        if scope not in ("local", "global"):
+            raise InvalidRequestError("scope must be local or global")
+        presented = self.keyset.refresh_tokens.read(refresh_token)
+        session = self.store.find_session(presented.family) if presented else None
+        user = None
+        if presented is not None and session is not None and was_issued(session, presented):
+            user = self.store.find_session_user(session.id)
+        if session is None or user is None:
+            self._audit("logout_refused")
+            raise InvalidTokenError("the refresh token names no live session")
+        if scope == "local":
+            self.store.revoke_session(session.id, self.clock())
+        else:
+            self.store.revoke_user_sessions(user.id, self.clock())
+        self._audit("logout", user=user.id, sid=session.id, scope=scope)
+
     def maintain_keys(self) -> None:
         """Pick up a key set changed by another process, rotate on schedule, prune; once a second.
 

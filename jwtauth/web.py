@@ -25,7 +25,6 @@ from jwtauth.errors import (
     UnsupportedMediaTypeError,
 )
 from jwtauth.logs import REQUEST_ID
-from jwtauth.service import TokenPair
 
 log = logging.getLogger("jwtauth")
 
@@ -118,15 +117,24 @@ class Observer(Protocol):
     def observe(self, path: str, method: str, status: int, seconds: float) -> None: ...
 
 
+class Gate(Protocol):
+    """What Envelope hands a request with an Origin header to (browser.Browser): it answers the request
+    itself, or runs `app` on it."""
+
+    async def __call__(self, origin: bytes, app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None: ...
+
+
 class Envelope:
     """The outermost layer of every request. It gives the request an id (`request.state.request_id`, the
     `X-Request-ID` header, every log line); refuses a body over `max_body_bytes` with 413, whether announced
     by Content-Length or sent chunked; answers an unexpected exception with a JSON 500 naming the id,
     logged once with its traceback, so the client sees no trace; and reports the request, its status and
-    its time to the observer in the app's state (`metrics`). One layer, since each costs time."""
+    its time to the observer in the app's state (`metrics`). A request with an Origin header goes through
+    the `gate` (browser.Browser), its 413 and 500 too. One layer, since each costs time."""
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int = MAX_BODY_BYTES) -> None:
+    def __init__(self, app: ASGIApp, gate: Gate | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> None:
         self.app = app
+        self.gate = gate
         self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -156,32 +164,43 @@ class Envelope:
                 raise BodyTooLargeError("request body too large")  # rendered by the app's AuthError handler
             return message
 
+        too_much, origin = self._read_head(scope)
         try:
-            if self._announces_too_much(scope):
-                await _error_response(BodyTooLargeError("request body too large"))(scope, receive, send_with_id)
-            else:
-                await self.app(scope, receive_limited, send_with_id)
+            app = error_response(BodyTooLargeError("request body too large")) if too_much else self.app
+            await self._forward(origin, app, scope, receive_limited, send_with_id)
         except Exception as exc:
             log.error("unhandled error, request_id=%s", request_id, exc_info=exc)
             if not status:  # else too late for a 500: the server closes the connection
                 body = {"error": "server_error", "error_description": "internal error", "request_id": request_id}
-                await JSONResponse(body, 500, {"Cache-Control": "no-store"})(scope, receive, send_with_id)
+                error = JSONResponse(body, 500, {"Cache-Control": "no-store"})
+                await self._forward(origin, error, scope, receive, send_with_id)
         finally:
             observer: Observer | None = state.get("metrics")
             if observer is not None:
                 observer.observe(scope["path"], scope["method"], status or 500, time.perf_counter() - started)
 
-    def _announces_too_much(self, scope: Scope) -> bool:
+    async def _forward(self, origin: bytes | None, app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
+        if origin is None or self.gate is None:  # servers, native apps, curl: no browser, no CORS
+            await app(scope, receive, send)
+        else:
+            await self.gate(origin, app, scope, receive, send)
+
+    def _read_head(self, scope: Scope) -> tuple[bool, bytes | None]:
+        """Whether a Content-Length announces too much, and the Origin header; in one pass over the headers."""
+        too_much, origin = False, None
         for name, value in scope["headers"]:
-            if name == b"content-length" and (not value.isdigit() or int(value) > self.max_body_bytes):
-                return True
-        return False
+            if name == b"content-length":
+                too_much = too_much or not value.isdigit() or int(value) > self.max_body_bytes
+            elif name == b"origin" and origin is None:
+                origin = value
+        return too_much, origin
 
 
 # Responses and error rendering
 
 
-def _error_response(exc: AuthError, headers: Mapping[str, str] | None = None) -> JSONResponse:
+def error_response(exc: AuthError, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    """The JSON answer to an AuthError (RFC 6749 §5.2), with a Bearer challenge on a 401 (RFC 6750 §3)."""
     body = {"error": exc.error, "error_description": exc.description or exc.error}
     all_headers = {"Cache-Control": "no-store", **(headers or {})}
     if exc.status_code == 401:
@@ -195,7 +214,7 @@ async def render_auth_error(request: Request, exc: Exception) -> Response:
     if exc.status_code == 401:
         log.info("bearer token rejected: %s", exc.description)  # the client is told only invalid_token
         exc = InvalidTokenError("the access token is invalid, expired or revoked")
-    return _error_response(exc, {"Retry-After": str(exc.retry_after)} if exc.retry_after else None)
+    return error_response(exc, {"Retry-After": str(exc.retry_after)} if exc.retry_after else None)
 
 
 _HTTP_ERRORS = {404: "not_found", 405: "method_not_allowed", 413: "invalid_request"}
@@ -207,7 +226,7 @@ async def render_http_error(request: Request, exc: Exception) -> Response:
     error = AuthError(exc.detail)
     error.error = _HTTP_ERRORS.get(exc.status_code, "invalid_request")
     error.status_code = exc.status_code
-    return _error_response(error, exc.headers)
+    return error_response(error, exc.headers)
 
 
 def etag_matches(if_none_match: str | None, etag: str) -> bool:
@@ -216,10 +235,6 @@ def etag_matches(if_none_match: str | None, etag: str) -> bool:
         return False
     tags = [tag.strip().removeprefix("W/") for tag in if_none_match.split(",")]
     return "*" in tags or etag in tags
-
-
-def token_response(pair: TokenPair) -> Response:
-    return JSONResponse(pair.as_json(), headers=NO_STORE)
 
 
 def client_address(request: Request, trusted_proxies: tuple[IPNetwork, ...]) -> str:

@@ -151,6 +151,15 @@ def add_user(settings: Settings, email: str, password: str = PASSWORD, name: str
     return Account(user.email, password, user.id)
 
 
+def disable_user(settings: Settings, email: str) -> None:
+    """`jwtauth users disable`, in process."""
+    store = open_store(settings)
+    try:
+        UserAdmin(store, PasswordHasher(settings.argon2)).set_disabled(email, True)
+    finally:
+        store.close()
+
+
 @pytest.fixture
 def alice(settings: Settings) -> Account:
     return add_user(settings, "alice@example.com", name="Alice")
@@ -173,11 +182,22 @@ def query(database: str | Path, sql: str, parameters: Sequence[object] = ()) -> 
         return conn.execute(sql, parameters).fetchall()
 
 
+def table_names(database: str | Path) -> list[str]:
+    if is_postgres_url(str(database)):
+        return [row[0] for row in query(database, "select tablename from pg_tables where schemaname = 'public'")]
+    return [row[0] for row in query(database, "select name from sqlite_master where type = 'table'")]
+
+
+def snapshot(database: str | Path) -> dict[str, list[tuple[Any, ...]]]:
+    """Every row of every table, login-attempt counters included: to show that a request wrote nothing."""
+    return {table: sorted(query(database, f"select * from {table}"), key=repr) for table in table_names(database)}
+
+
 def database_contents(database: str | Path) -> bytes:
     """Everything a copy of the database holds, to search for what must never be stored: every value of every
     table as text, and for SQLite its files' bytes too (free pages and the WAL included)."""
     if is_postgres_url(str(database)):
-        tables = [row[0] for row in query(database, "select tablename from pg_tables where schemaname = 'public'")]
+        tables = table_names(database)
         rows = [row[0] for table in tables for row in query(database, f"select row_to_json(t)::text from {table} t")]
         return "\n".join(rows).encode()
     paths = [Path(f"{database}{suffix}") for suffix in ("", "-wal")]

@@ -25,11 +25,13 @@ STRICT = any(os.environ.get(name, "").lower() not in ("", "0", "false") for name
 
 
 def require_service(name: str, reason: str) -> NoReturn:
-    """Skip the test that needs `name`, saying why; in a strict run, fail it."""
-    message = f"{name} unavailable: {reason}"
+    """Skip the calling test (or, called at its top, the calling module) because `name` (a database, a
+    browser, a program) cannot be had here, with the reason printed by `-ra`; in a strict run, fail instead.
+    The one place where a missing service becomes a skip: never skip silently."""
+    message = f"{name} is not available: {reason}"
     if STRICT:
-        pytest.fail(f"{message} (strict run: a service the tests need is missing)", pytrace=False)
-    pytest.skip(message)
+        pytest.fail(f"{message} (a strict run needs every service)", pytrace=False)
+    pytest.skip(message, allow_module_level=True)
 
 
 def free_port() -> int:

@@ -16,11 +16,8 @@ from starlette.testclient import TestClient
 
 from jwtauth.app import create_app
 from jwtauth.config import Settings
-from jwtauth.passwords import PasswordHasher
-from jwtauth.service import UserAdmin
-from jwtauth.store import open_store
 
-from .conftest import PASSWORD, Account, Clock, add_user, bearer, login, query, table_counts
+from .conftest import PASSWORD, Account, Clock, add_user, bearer, disable_user, login, query, table_counts
 
 TOKEN_FIELDS = {"access_token", "token_type", "expires_in", "refresh_token", "refresh_expires_in"}
 
@@ -190,8 +187,7 @@ def test_email_is_case_insensitive_at_login(client: TestClient, alice: Account) 
 
 
 def test_disabled_user_gets_invalid_grant(client: TestClient, alice: Account, settings: Settings) -> None:
-    store = open_store(settings)
-    UserAdmin(store, PasswordHasher(settings.argon2)).set_disabled(alice.email, True)
+    disable_user(settings, alice.email)
 
     response = client.post("/login", json={"email": alice.email, "password": alice.password})
 
@@ -294,7 +290,7 @@ def test_userinfo_rejects_a_token_of_a_user_disabled_since(
     client: TestClient, alice: Account, settings: Settings
 ) -> None:
     token = login(client, alice.email)["access_token"]
-    UserAdmin(open_store(settings), PasswordHasher(settings.argon2)).set_disabled(alice.email, True)
+    disable_user(settings, alice.email)
 
     response = client.get("/userinfo", headers={"Authorization": f"Bearer {token}"})
 

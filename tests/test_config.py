@@ -47,6 +47,7 @@ def test_every_variable_is_read() -> None:
         "JWTAUTH_PASSWORD_GRANT": "1", "JWTAUTH_LOGIN_MAX_FAILURES_PER_ADDRESS": "7",
         "JWTAUTH_TRUSTED_PROXIES": "10.0.0.0/8, ::1", "JWTAUTH_LOGIN_MAX_FAILURES_PER_ACCOUNT": "9",
         "JWTAUTH_MAX_SESSIONS_PER_USER": "4", "JWTAUTH_DB_POOL_SIZE": "6",
+        "JWTAUTH_CORS_ORIGINS": "https://app.example.com",
     })  # fmt: skip
 
     assert settings == Settings(
@@ -56,8 +57,24 @@ def test_every_variable_is_read() -> None:
         argon2=argon2.Parameters(argon2.Type.ID, 19, 16, 32, 2, 1024, 2), login_max_failures=3, login_window=60,
         login_max_failures_per_address=7, login_max_failures_per_account=9, max_sessions_per_user=4, db_pool_size=6,
         trusted_proxies=(ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("::1")),
-        open_registration=True, password_grant=True,
+        open_registration=True, password_grant=True, cors_origins=("https://app.example.com",),
     )  # fmt: skip
+
+
+def test_cors_origins_are_kept_as_browsers_send_them() -> None:
+    settings = Settings.from_env({
+        "JWTAUTH_CORS_ORIGINS": " https://App.Example.com:443,http://127.0.0.1:8001,http://[0::1]:80 ,,"
+        "https://app.example.com",
+    })  # fmt: skip
+
+    assert settings.cors_origins == ("https://app.example.com", "http://127.0.0.1:8001", "http://[::1]")
+
+
+BAD_ORIGINS = [
+    "null", "*", "https://*.example.com", "app.example.com", "https://app.example.com/", "https://app.example.com/spa",
+    "https://app.example.com?x=1", "https://user@app.example.com", "ftp://app.example.com", "https://app.example.com:0",
+    "https://app.example.com:65536", "https://", "http://[not-ipv6]", "https://app example.com",
+]  # fmt: skip
 
 
 def test_passphrase_is_not_in_the_repr() -> None:
@@ -75,6 +92,8 @@ def test_passphrase_is_not_in_the_repr() -> None:
         {"JWTAUTH_OPEN_REGISTRATION": "2"},
         {"JWTAUTH_DATABASE": " "},
         {"JWTAUTH_TRUSTED_PROXIES": "10.0.0.0/8, proxy.internal"},
+        {"JWTAUTH_ISSUER": "https://user@auth.example.com"},
+        *({"JWTAUTH_CORS_ORIGINS": f"https://app.example.com, {origin}"} for origin in BAD_ORIGINS),
     ],
 )
 def test_bad_values_are_refused_naming_the_variable(env: dict[str, str]) -> None:

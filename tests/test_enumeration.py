@@ -12,11 +12,8 @@ from starlette.testclient import TestClient
 
 from jwtauth.app import create_app
 from jwtauth.config import Settings
-from jwtauth.passwords import PasswordHasher
-from jwtauth.service import UserAdmin
-from jwtauth.store import open_store
 
-from .conftest import add_user
+from .conftest import add_user, disable_user
 
 VARYING_HEADERS = {"x-request-id", "date"}
 
@@ -30,7 +27,7 @@ def hashing(env: dict[str, str]) -> Iterator[tuple[TestClient, Settings]]:
     })  # fmt: skip
     add_user(settings, "alice@example.com")
     add_user(settings, "dora@example.com")
-    UserAdmin(open_store(settings), PasswordHasher(settings.argon2)).set_disabled("dora@example.com", True)
+    disable_user(settings, "dora@example.com")
     with TestClient(create_app(settings)) as client:
         yield client, settings
 

@@ -29,6 +29,7 @@ from jwtauth.verify import Fetched, InvalidTokenError, JWKSClient, Verifier, fet
 
 from .conftest import PASSWORD, Server, bearer, run_cli, stop_server
 from .issuer import issuer_env, start_issuer
+from .services import require_service
 
 NODE_DIR = Path(__file__).parent / "node"
 
@@ -116,7 +117,7 @@ def node_jose(server: Server, tokens: list[str]) -> list[dict[str, Any]]:
     """Verify tokens with Node's jose (createRemoteJWKSet + jwtVerify), in tests/node/verify.mjs."""
     node = shutil.which("node")
     if node is None:
-        pytest.skip("node is not installed: Node's jose cannot be tried (CI has node, so it runs there)")
+        require_service("node", "Node's jose cannot be tried (CI has node, so it runs there)")
     if not (NODE_DIR / "node_modules" / "jose").is_dir():
         pytest.fail("Node's jose is not installed in tests/node: run `make test` (npm ci there), or npm ci yourself")
     result = subprocess.run(

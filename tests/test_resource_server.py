@@ -15,6 +15,8 @@ from jwtauth.verify import Fetched, JWKSClient, Verifier
 
 from .conftest import ISSUER, Account, Clock, bearer, login
 
+PAGE = "http://127.0.0.1:8080"  # the origin of a browser app that calls the API (examples/spa/)
+
 
 @pytest.fixture
 def api(client: TestClient, clock: Clock) -> Iterator[TestClient]:
@@ -25,7 +27,7 @@ def api(client: TestClient, clock: Clock) -> Iterator[TestClient]:
         return Fetched(response.status_code, dict(response.headers.items()), response.content)
 
     verifier = Verifier(ISSUER, "jwtauth", jwks=JWKSClient(ISSUER, fetch=fetch, clock=clock), clock=clock)
-    with TestClient(create_app(verifier)) as api:
+    with TestClient(create_app(verifier, cors_origins=[PAGE])) as api:
         yield api
 
 
@@ -73,3 +75,28 @@ def test_public_route_needs_no_token(api: TestClient) -> None:
 def test_other_authorization_schemes_stay_anonymous(api: TestClient) -> None:
     assert api.get("/health", headers={"Authorization": "Basic YWxpY2U6cHc="}).status_code == 200
     assert api.get("/orders", headers={"Authorization": "Basic YWxpY2U6cHc="}).status_code == 401
+
+
+def test_a_page_of_a_listed_origin_may_call_it_with_its_token(api: TestClient, token: str) -> None:
+    preflight = api.options(
+        "/orders",
+        headers={
+            "Origin": PAGE,
+            "Access-Control-Request-Method": "GET",
+            "Access-Control-Request-Headers": "authorization",
+        },
+    )
+    response = api.get("/orders", headers={**bearer(token), "Origin": PAGE})
+
+    assert preflight.status_code == 200
+    assert preflight.headers["access-control-allow-origin"] == PAGE
+    assert "authorization" in preflight.headers["access-control-allow-headers"].lower()
+    assert (response.status_code, response.headers["access-control-allow-origin"]) == (200, PAGE)
+    assert "access-control-allow-credentials" not in response.headers  # a bearer token, never a cookie
+
+
+def test_a_page_of_another_origin_gets_no_cors_headers(api: TestClient, token: str) -> None:
+    response = api.get("/orders", headers={**bearer(token), "Origin": "http://127.0.0.1:9999"})
+
+    assert response.status_code == 200  # answered, but its page cannot read the answer
+    assert "access-control-allow-origin" not in response.headers
