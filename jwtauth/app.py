@@ -22,7 +22,14 @@ from starlette.schemas import SchemaGenerator
 
 from jwtauth import browser
 from jwtauth.config import Settings
-from jwtauth.errors import AccessDeniedError, AuthError, InvalidRequestError, UnsupportedGrantTypeError
+from jwtauth.errors import (
+    AccessDeniedError,
+    AuthError,
+    InvalidRequestError,
+    KeyStoreError,
+    StoreUnavailableError,
+    UnsupportedGrantTypeError,
+)
 from jwtauth.keys import KeyStore
 from jwtauth.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from jwtauth.metrics import Metrics
@@ -314,16 +321,26 @@ COUNT_SESSIONS_EVERY = 5  # seconds between counts of the live sessions, for /me
 async def maintain(service: AuthService, metrics: Metrics) -> None:
     """In every worker: look at the key set once a second (API.md), count the live sessions every few
     seconds (so that a scrape costs the same at any size) and sweep the database once a minute."""
+    failing = False
     for tick in itertools.count(0):
         try:
             if tick % COUNT_SESSIONS_EVERY == 0:
                 await anyio.to_thread.run_sync(metrics.count_sessions)
-            await anyio.sleep(1)
-            await anyio.to_thread.run_sync(service.maintain_keys)
+            if tick:
+                await anyio.to_thread.run_sync(service.maintain_keys)
             if tick % CLEAN_UP_EVERY == CLEAN_UP_EVERY - 1:
                 await anyio.to_thread.run_sync(service.clean_up)
-        except Exception:  # an unreachable database or unreadable key must not end the loop: try again later
+        except (StoreUnavailableError, KeyStoreError) as exc:  # a database outage: said once, not every second
+            if not failing:
+                log.warning("maintenance failed (%s); the server goes on with the keys it has", exc)
+            failing = True
+        except Exception:  # whatever it is, the loop goes on: try again in a second
             log.exception("maintenance failed; the server goes on with the keys it has")
+        else:
+            if failing:
+                log.warning("maintenance works again")
+            failing = False
+        await anyio.sleep(1)
 
 
 def create_app(settings: Settings, clock: Callable[[], float] = time.time) -> Starlette:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import getpass
 import json
 import os
@@ -27,7 +28,7 @@ from jwtauth.errors import (
 from jwtauth.keys import KeyEntry, KeyPolicy, KeyStore
 from jwtauth.passwords import PasswordHasher
 from jwtauth.service import UserAdmin, normalise_email
-from jwtauth.store import Store, open_store
+from jwtauth.store import Store, describe_database, is_postgres_url, open_store
 
 
 class CommandError(Exception):
@@ -66,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     db = verbs.add_parser("db", help="back up or check the database").add_subparsers(dest="action", required=True)
     db.add_parser("backup", parents=[config], help="copy the database online, consistently").add_argument("path")
-    db.add_parser("check", parents=[config], help="run SQLite's integrity checks; exit 1 on a problem")
+    db.add_parser("check", parents=[config], help="check the connection, the schema and the data; exit 1 on a problem")
+    copy_to = db.add_parser("copy-to", parents=[config], help="copy users, live sessions and keys into PostgreSQL")
+    copy_to.add_argument("url", help="postgresql://user:password@host:port/dbname, an empty database")
 
     keys = verbs.add_parser("keys", help="manage signing keys").add_subparsers(dest="action", required=True)
     keys.add_parser("list", parents=[config]).add_argument("--json", action="store_true")
@@ -179,15 +182,40 @@ def manage_users(settings: Settings, store: Store, args: argparse.Namespace) -> 
 
 
 def manage_database(settings: Settings, store: Store, args: argparse.Namespace) -> int:
+    database = describe_database(settings.database)
     if args.action == "backup":
         store.backup(Path(args.path))
-        print(f"backed up {settings.database} to {args.path}")
+        print(f"backed up {database} to {args.path}")
         return 0
+    if args.action == "copy-to":
+        return copy_to(settings, store, args.url)
     problems = store.check()
     for problem in problems:
         print(problem, file=sys.stderr)
-    print("ok" if not problems else f"{len(problems)} problems in {settings.database}")
+    print("ok" if not problems else f"{len(problems)} problems in {database}")
     return 1 if problems else 0
+
+
+def copy_to(settings: Settings, source: Store, url: str) -> int:
+    """Copy users, live sessions and keys into an empty PostgreSQL database, the keys encrypted with the
+    passphrase, in one transaction: nobody is logged out by the move, and a refused target gets nothing."""
+    if not is_postgres_url(url):
+        raise CommandError("db copy-to needs a postgresql:// URL")
+    if not settings.keys_passphrase:
+        raise ConfigError("JWTAUTH_KEYS_PASSPHRASE must be set: the keys are stored encrypted in PostgreSQL")
+    source.migrate()
+    repository = source.key_repository()
+    stored = repository.read()
+    encrypted = any(pem.startswith(b"-----BEGIN ENCRYPTED") for pem in stored.pems.values())
+    source_keys = KeyStore(repository, settings.keys_passphrase if encrypted else None, settings.key_size,
+                           KeyStore.from_settings(settings, repository).policy)  # fmt: skip
+    snapshot = dataclasses.replace(source.export(time.time()), keys=source_keys.export(settings.keys_passphrase))
+    with contextlib.closing(open_store(dataclasses.replace(settings, database=url))) as target:
+        target.migrate()
+        target.import_(snapshot)
+    print(f"copied {len(snapshot.users)} users, {len(snapshot.sessions)} live sessions and"
+          f" {len(stored.entries)} keys to {describe_database(url)}")  # fmt: skip
+    return 0
 
 
 def manage_keys(settings: Settings, store: Store, args: argparse.Namespace) -> int:

@@ -332,6 +332,22 @@ class KeyStore:
             log.info("keys pruned: %s", ", ".join(sorted(deleted)))
         return sorted(deleted)
 
+    def export(self, passphrase: bytes) -> StoredKeys:
+        """The key set as the repository holds it, every key and the refresh secret encrypted with `passphrase`
+        (for `jwtauth db copy-to`: the keys of a directory move into a database).
+
+        Raises:
+            KeyStoreError: the keys cannot be read or decrypted.
+        """
+        keyset, stored = self.load(), self.repository.read()
+        target = KeyStore(self.repository, passphrase, self.key_size, self.policy)
+        secret = x25519.X25519PrivateKey.from_private_bytes(keyset.refresh_tokens.secret)
+        return StoredKeys(
+            stored.entries,
+            {kid: target._serialise(key) for kid, key in keyset.private_keys.items()},
+            target._serialise(secret),
+        )
+
     def _is_spent(self, entry: KeyEntry, now: int) -> bool:
         deletes_at = entry.deletes_at(self.policy)
         return deletes_at is not None and deletes_at <= now

@@ -202,6 +202,7 @@ class RefreshTokens:
     """
 
     def __init__(self, secret: bytes) -> None:
+        self.secret = secret
         self._mac_key = _derive(secret, b"jwtauth refresh-token mac")
         self._seal_salt = _derive(secret, b"jwtauth refresh-token seal")
 

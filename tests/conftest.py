@@ -182,6 +182,16 @@ def query(database: str | Path, sql: str, parameters: Sequence[object] = ()) -> 
         return conn.execute(sql, parameters).fetchall()
 
 
+def insert_many(database: str | Path, sql: str, rows: Sequence[Sequence[object]]) -> None:
+    """Many rows in one transaction, straight into the database; `?` placeholders."""
+    if is_postgres_url(str(database)):
+        with psycopg.connect(str(database)) as pg, pg.cursor() as cursor:
+            cursor.executemany(sql.replace("?", "%s"), rows)
+        return
+    with contextlib.closing(sqlite3.connect(database)) as conn, conn:
+        conn.executemany(sql, rows)
+
+
 def table_names(database: str | Path) -> list[str]:
     if is_postgres_url(str(database)):
         return [row[0] for row in query(database, "select tablename from pg_tables where schemaname = 'public'")]

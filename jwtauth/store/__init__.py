@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from jwtauth.config import Settings
-from jwtauth.keys import KeyRepository
+from jwtauth.keys import KeyRepository, StoredKeys
 from jwtauth.sessions import Decision, SessionState, SpentToken, User
 
 T = TypeVar("T")
@@ -25,10 +25,11 @@ __all__ = ["Decision", "SessionState", "Snapshot", "Store", "User", "open_store"
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
-    """Users and live sessions, as `jwtauth db copy-to` moves them from one database to another."""
+    """Users, live sessions and the key set, as `jwtauth db copy-to` moves them from one database to another."""
 
     users: Sequence[User]
     sessions: Sequence[SessionState]
+    keys: StoredKeys | None = None  # the PEMs encrypted as the target is to hold them
 
 
 class Store(Protocol):
@@ -144,10 +145,10 @@ class Store(Protocol):
     # Moving a deployment (jwtauth db copy-to)
 
     def export(self, now: float) -> Snapshot:
-        """Every user and every live session."""
+        """Every user and every live session (not the keys: KeyStore.export re-encrypts those)."""
 
     def import_(self, snapshot: Snapshot) -> None:
-        """Write a snapshot into a database that holds no users or sessions yet.
+        """Write a snapshot, keys included, into a database that holds no jwtauth data yet, in one transaction.
 
         Raises:
             StoreError: the database already holds jwtauth data; nothing was written.
@@ -171,6 +172,15 @@ def open_store(settings: Settings) -> Store:
 
 def is_postgres_url(database: str) -> bool:
     return database.startswith(("postgresql://", "postgres://"))
+
+
+def describe_database(database: str) -> str:
+    """The database for messages: a file path as it is; a URL without its user, password and parameters."""
+    if not is_postgres_url(database):
+        return database
+    scheme, _, rest = database.partition("://")
+    location = rest.rpartition("@")[2].partition("?")[0]
+    return f"{scheme}://{location}"
 
 
 # The spent tokens of a session, as both backends store them: a JSON array of [generation, spent_at, sealed].

@@ -18,7 +18,6 @@ import select
 import shutil
 import subprocess
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -36,7 +35,7 @@ from jwtauth.config import Settings
 from jwtauth.errors import ConfigError, ConflictError, KeyStoreError, StoreError, StoreUnavailableError
 from jwtauth.keys import REFRESH_SECRET, KeyChange, KeyEntry, KeyRepository, StoredKeys
 from jwtauth.sessions import Decision, SessionState, User
-from jwtauth.store import Snapshot, decode_spent, encode_spent
+from jwtauth.store import Snapshot, decode_spent, describe_database, encode_spent
 
 T = TypeVar("T")
 Row = tuple[Any, ...]
@@ -95,7 +94,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
 )
 SWEEP_BATCH = 500  # sessions deleted per transaction
 CONNECT_TIMEOUT = 5  # seconds, unless the URL says otherwise
-FAIL_FAST_SECONDS = 0.2  # how long a request waits for a connection while the database is known to be down
+CONNECTION_WAIT_SECONDS = 2.0  # how long a request waits for a pooled connection (all busy, or being made)
+FAIL_FAST_SECONDS = 0.2  # how long it waits while the database is known to be down
 
 _USER_COLUMNS = "users.id, email, name, password_hash, is_disabled, users.created_at, updated_at, last_login_key"
 _SESSION_COLUMNS = "sessions.id, family, sessions.created_at, generation, token_hash, expires_at, revoked_at, spent"
@@ -113,8 +113,8 @@ class PostgresStore:
             raise ConfigError("JWTAUTH_KEYS_PASSPHRASE must be set with PostgreSQL: the keys are stored encrypted")
         self.url = settings.database
         self.busy_timeout = settings.db_busy_timeout
-        conninfo = _conninfo(settings.database)
-        self.description = _describe(conninfo)  # for messages: never the password
+        self.conninfo = conninfo = _conninfo(settings.database)
+        self.description = describe_database(settings.database)  # for messages: never the password
         self.pool: ConnectionPool[Connection[Row]] = ConnectionPool(
             conninfo,
             kwargs={"autocommit": True, "prepare_threshold": 5 if settings.db_prepared_statements else None},
@@ -122,19 +122,30 @@ class PostgresStore:
             max_size=settings.db_pool_size,
             open=False,
             check=_check_alive,
-            timeout=settings.db_busy_timeout,
+            timeout=min(settings.db_busy_timeout, CONNECTION_WAIT_SECONDS),
             reconnect_timeout=1.0,  # give up soon: the next request asks for a connection at once
+            reconnect_failed=self._mark_down,
             name="jwtauth",
         )
         self._opened = False
         self._open_lock = threading.Lock()
-        self._down_since: float | None = None  # a connection failed: later requests do not wait long
+        self._is_down = False  # the pool could not connect: requests do not wait long until one gets through
 
     # Connections and transactions
 
     def _open(self) -> None:
+        """Open the pool at first use, after one connection of its own: a database that cannot be reached
+        then fails at once with libpq's reason, instead of after the pool's timeout.
+
+        Raises:
+            StoreUnavailableError: the database cannot be reached.
+        """
         with self._open_lock:
             if not self._opened:
+                try:
+                    psycopg.connect(self.conninfo).close()
+                except psycopg.OperationalError as exc:
+                    raise StoreUnavailableError(f"{self.description}: {_first_line(exc)}") from exc
                 self.pool.open(wait=False)
                 self._opened = True
 
@@ -146,15 +157,19 @@ class PostgresStore:
             StoreUnavailableError: no connection within the timeout, or the connection broke.
         """
         self._open()
-        timeout = FAIL_FAST_SECONDS if self._down_since is not None else self.busy_timeout
+        timeout = FAIL_FAST_SECONDS if self._is_down else None  # None: the pool's own
         try:
             with self.pool.connection(timeout=timeout) as conn:
                 yield conn
-        except (PoolTimeout, psycopg.OperationalError) as exc:
-            # OperationalError: the connection broke, a lock or statement timed out, the server shuts down.
-            self._down_since = self._down_since or time.monotonic()
+        except PoolTimeout as exc:
             raise StoreUnavailableError(f"{self.description}: {exc}") from exc
-        self._down_since = None
+        except psycopg.OperationalError as exc:  # the connection broke, a lock timed out, the server stops
+            raise StoreUnavailableError(f"{self.description}: {_first_line(exc)}") from exc
+        self._is_down = False
+
+    def _mark_down(self, pool: object) -> None:
+        """The pool's reconnect_failed: until a request gets through again, requests do not wait long."""
+        self._is_down = True
 
     @contextmanager
     def _transaction(self, lock_timeout: float | None = None) -> Iterator[Connection[Row]]:
@@ -216,8 +231,8 @@ class PostgresStore:
             rows = self._read("select version from jwtauth_schema")
         except psycopg.errors.UndefinedTable:
             return [f"database {self.description} has no jwtauth schema"]
-        except psycopg.Error as exc:
-            return [f"database {self.description}: {_first_line(exc)}"]
+        except (psycopg.Error, StoreUnavailableError) as exc:
+            return [f"cannot use database {self.description}: {_first_line(exc)}"]
         if not rows or rows[0][0] != len(MIGRATIONS):
             return [f"database {self.description} has schema {rows[0][0] if rows else 0}, not {len(MIGRATIONS)}"]
         return []
@@ -426,6 +441,8 @@ class PostgresStore:
                 )  # fmt: skip
             for session in snapshot.sessions:
                 _insert_session(conn, session)
+            if snapshot.keys is not None:
+                _PostgresKeyChange(conn).write(snapshot.keys)
 
 
 class _Blocked(Exception):  # rolls back the counts of an attempt that a limit refused
@@ -545,6 +562,7 @@ def _check_alive(conn: Connection[Row]) -> None:
     poller = select.poll()
     poller.register(conn.fileno(), select.POLLIN)
     if poller.poll(0):
+        conn.close()  # so that the pool discards it and makes a new one, rather than taking it back
         raise psycopg.OperationalError("the server closed the connection")
 
 
@@ -554,12 +572,6 @@ def _conninfo(url: str) -> str:
     params.setdefault("connect_timeout", CONNECT_TIMEOUT)
     params.setdefault("application_name", "jwtauth")
     return make_conninfo("", **params)
-
-
-def _describe(conninfo: str) -> str:
-    params = conninfo_to_dict(conninfo)
-    host, port, dbname = params.get("host", "localhost"), params.get("port", "5432"), params.get("dbname", "")
-    return f"postgresql://{host}:{port}/{dbname}"
 
 
 def _first_line(exc: BaseException) -> str:

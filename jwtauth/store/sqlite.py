@@ -476,9 +476,14 @@ class SqliteStore:
         return Snapshot(users, [session for session in map(_session, rows) if session is not None])
 
     def import_(self, snapshot: Snapshot) -> None:
-        with self._write() as conn:
-            if conn.execute("select exists (select 1 from users) or exists (select 1 from sessions)").fetchone()[0]:
-                raise StoreError(f"database {self.path} already holds jwtauth data")
+        """The keys go to the keys directory, which must hold none yet, under its lock; then the rows."""
+        repository = FileKeyRepository(self.keys_dir)
+        with repository.change() as keys, self._write() as conn:
+            has_data = conn.execute("select exists (select 1 from users) or exists (select 1 from sessions)")
+            if has_data.fetchone()[0] or keys.read() is not None:
+                raise StoreError(f"database {self.path} or keys directory {self.keys_dir} already holds jwtauth data")
+            if snapshot.keys is not None:
+                keys.write(snapshot.keys)
             conn.executemany(
                 f"insert into users ({_USER_COLUMNS}) values (?, ?, ?, ?, ?, ?, ?, ?)",
                 [[u.id, u.email, u.name, u.password_hash, int(u.is_disabled), u.created_at, u.updated_at,
