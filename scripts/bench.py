@@ -18,7 +18,8 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,6 +29,7 @@ import bench_report
 import bench_wrk
 from bench_limits import measure_limit
 from bench_noise import bench_seconds, other_load, parse_cpus
+from bench_postgres import pin, postgres_cluster
 from bench_server import (
     CHEAP_ARGON2,
     DEFAULT_ARGON2,
@@ -96,23 +98,31 @@ def plan_for(workers: int, seconds: int) -> Plan:
 # Measuring one load, with how busy the rest of the machine was meanwhile
 
 
-def measure(server: Server, load: Load, warmup: Load | None = None, warm: bool = True) -> dict[str, Any]:
-    """A 1 s warm-up if `warm` (the same load unless another is given), then the measured run."""
+def measure(
+    server: Server, load: Load, warmup: Load | None = None, warm: bool = True, database: Sequence[int] = ()
+) -> dict[str, Any]:
+    """A 1 s warm-up if `warm` (the same load unless another is given), then the measured run. `database`:
+    the pids of a database server beside jwtauth, whose CPU is reported apart and not taken for noise."""
     log(f"{load.url.partition('//')[2].partition('/')[2] or '/'}: {load.seconds} s, {load.connections} connections")
     if warm:
         bench_wrk.run(warmup or dataclasses.replace(load, seconds=1))
     server.wait_idle()
     cpus = sorted(set(parse_cpus(server.cpus)) | set(parse_cpus(load.cpus)))  # wrk's core counts too
+    server_pids = server.pids
 
     def ours() -> float:
-        return cpu_seconds(server.pids) + bench_seconds(with_children=True)
+        return cpu_seconds(server_pids) + cpu_seconds(database) + bench_seconds(with_children=True)
 
     result: dict[str, Any] = {}
     wrk_before, started = bench_seconds(with_children=True) - bench_seconds(with_children=False), time.monotonic()
+    server_before, database_before = cpu_seconds(server_pids), cpu_seconds(database)
     with other_load(cpus, ours, result):
         result.update(bench_wrk.run(load).as_dict())
     wrk_seconds = bench_seconds(with_children=True) - bench_seconds(with_children=False) - wrk_before
     result["wrk_cpu_cores"] = round(wrk_seconds / (time.monotonic() - started), 3)  # near 1: wrk was the limit
+    requests = max(1, result["requests"])
+    result["server_cpu_us"] = round(1e6 * (cpu_seconds(server_pids) - server_before) / requests, 1)
+    result["database_cpu_us"] = round(1e6 * (cpu_seconds(database) - database_before) / requests, 1)
     return result
 
 
@@ -160,6 +170,8 @@ def combine_runs(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "socket_errors": sum(run["socket_errors"] for run in runs),
         "other_load_cores": max(run["other_load_cores"] for run in runs),
         "wrk_cpu_cores": round(statistics.mean(run["wrk_cpu_cores"] for run in runs), 3),
+        "server_cpu_us": statistics.median(run["server_cpu_us"] for run in runs),
+        "database_cpu_us": statistics.median(run["database_cpu_us"] for run in runs),
         "rounds": [round(run["requests_per_s"], 1) for run in runs],
     }
 
@@ -220,9 +232,10 @@ def cheap_phase(plan: Plan, installation: Installation, emails: Sequence[str]) -
             if warm:
                 warm_pool = refresh_pool(server, emails, pool_size, directory / "refresh-warmup.tokens")
                 warmup = dataclasses.replace(refresh, args=(str(warm_pool), "1"), seconds=1)
-            runs.setdefault("refresh", []).append(measure(server, refresh, warmup, warm=warm))
+            database = installation.database_pids()
+            runs.setdefault("refresh", []).append(measure(server, refresh, warmup, warm=warm, database=database))
             login = login_load(plan, url, directory / "cheap.emails", seconds)
-            runs.setdefault("login_cheap", []).append(measure(server, login, warm=warm))
+            runs.setdefault("login_cheap", []).append(measure(server, login, warm=warm, database=database))
             get = Load(f"{bare_url}/get", "get.lua", (), seconds, plan.connections, cpus=plan.wrk_cpus)
             runs.setdefault("bare_get", []).append(measure(bare, get, warm=warm))
             for name, path, args in (
@@ -230,7 +243,7 @@ def cheap_phase(plan: Plan, installation: Installation, emails: Sequence[str]) -
                 ("userinfo", "/userinfo", (access_token,)),
             ):
                 load = Load(f"{url}{path}", "get.lua", args, seconds, plan.connections, cpus=plan.wrk_cpus)
-                runs.setdefault(name, []).append(measure(server, load, warm=warm))
+                runs.setdefault(name, []).append(measure(server, load, warm=warm, database=database))
     endpoints = {name: combine_runs(results) for name, results in runs.items()}
     limits = combine_limits(round_limits)
     limits["bare_get"], limits["bare_post"] = endpoints.pop("bare_get"), endpoints.pop("bare_post")
@@ -274,7 +287,8 @@ def default_phase(plan: Plan, installation: Installation, emails: Sequence[str])
             # slow spell of the machine, and a run of it takes long enough to meet one.
             log(f"limit at default Argon2 on CPU {plan.server_cpus}: {plan.limit_seconds} s, before and after")
             limits = [measure_limits(plan, ["argon2_default"], plan.limit_seconds)]
-            login = measure(server, login_load(plan, url, directory / "default.emails", plan.seconds))
+            login = measure(server, login_load(plan, url, directory / "default.emails", plan.seconds),
+                            database=installation.database_pids())  # fmt: skip
             limits.append(measure_limits(plan, ["argon2_default"], plan.limit_seconds))
             loaded = loaded_phase(plan, server, directory / "default.emails", access_token)
         memory = {"idle_mib": idle / MIB, "peak_mib": sampler.peak / MIB}
@@ -282,7 +296,9 @@ def default_phase(plan: Plan, installation: Installation, emails: Sequence[str])
 
 
 def run_workers(plan: Plan, installation: Installation, accounts: dict[str, list[str]]) -> dict[str, Any]:
-    """Everything measured for one worker count."""
+    """Everything measured for one worker count, with the database's server (if any) on the server's cores."""
+    if installation.postmaster is not None:
+        pin(installation.postmaster, plan.server_cpus)
     limits, endpoints = cheap_phase(plan, installation, accounts["cheap"])
     default = default_phase(plan, installation, accounts["default"])
     endpoints["login_default"] = default["login_default"]
@@ -290,8 +306,8 @@ def run_workers(plan: Plan, installation: Installation, accounts: dict[str, list
         limits[key]["argon2_default"] = default["limits"][key]["argon2_default"]
     limits["argon2_default"] = default["limits"]["argon2_default"]
     cpus = {"server": plan.server_cpus, "wrk": plan.wrk_cpus, "shared": plan.shared}
-    return {"cpus": cpus, "limits": limits, "endpoints": endpoints, "loaded": default["loaded"],
-            "memory": default["memory"]}  # fmt: skip
+    return {"database": installation.database, "workers": plan.workers, "cpus": cpus, "limits": limits,
+            "endpoints": endpoints, "loaded": default["loaded"], "memory": default["memory"]}  # fmt: skip
 
 
 # Offline verification, and the set-up
@@ -323,6 +339,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--users", type=int, default=32, help="accounts per Argon2 setting (default 32)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts (default 1 2)")
+    parser.add_argument("--database", nargs="+", choices=["sqlite", "postgresql"], default=["sqlite", "postgresql"],
+                        help="storage backends (default both; PostgreSQL: a cluster of the bench's own)")  # fmt: skip
     parser.add_argument("--results", type=Path, default=REPO / "results", help="where to write the report")
     parser.add_argument("--update-readme", action="store_true", help="put the table in README.md's Performance")
     return parser.parse_args(argv)
@@ -333,14 +351,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     bench_wrk.check_wrk()
     started = datetime.now(UTC).isoformat(timespec="seconds")
     results: dict[str, Any] = {"started_at": started, "machine": bench_report.machine(), "runs": {}}
-    results["settings"] = {"seconds": args.seconds, "users": args.users, "workers": args.workers, "rounds": ROUNDS}
-    with tempfile.TemporaryDirectory(prefix="jwtauth-bench-") as directory:
-        installation = Installation(Path(directory), free_port())
-        log(f"creating {2 * args.users} accounts with `jwtauth users add` in {directory}")
-        accounts = create_accounts(installation, args.users)
-        for workers in args.workers:
-            log(f"--workers {workers}")
-            results["runs"][str(workers)] = run_workers(plan_for(workers, args.seconds), installation, accounts)
+    results["settings"] = {"seconds": args.seconds, "users": args.users, "workers": args.workers, "rounds": ROUNDS,
+                           "databases": args.database}  # fmt: skip
+    for database in args.database:
+        with (
+            tempfile.TemporaryDirectory(prefix="jwtauth-bench-") as directory,
+            installed(database, Path(directory), args.workers) as installation,
+        ):
+            log(f"{database}: creating {2 * args.users} accounts with `jwtauth users add`")
+            accounts = create_accounts(installation, args.users)
+            for workers in args.workers:
+                log(f"{database}, --workers {workers}")
+                run = run_workers(plan_for(workers, args.seconds), installation, accounts)
+                results["runs"][f"{database}/{workers}"] = run
     results["verify"] = verify_phase(min(3.0, max(1.0, args.seconds / 2)))
     results["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
     latest_md, _ = bench_report.write(results, args.results)
@@ -350,6 +373,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             REPO / "README.md", latest_md.read_text(), f"make bench BENCH_SECONDS={args.seconds}"
         )
     return 0
+
+
+@contextmanager
+def installed(database: str, directory: Path, workers: Sequence[int]) -> Iterator[Installation]:
+    """A fresh installation in `directory`; for PostgreSQL with a cluster of its own, first on the cores of
+    the first worker count's server (each run pins it anew)."""
+    if database == "sqlite":
+        yield Installation(directory, free_port())
+        return
+    with postgres_cluster(plan_for(workers[0], 1).server_cpus) as (url, postmaster):
+        yield Installation(directory, free_port(), url, postmaster)
 
 
 def log(message: str) -> None:

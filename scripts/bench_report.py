@@ -96,10 +96,15 @@ ENDPOINT_HEADER = (
 )
 
 
-def run_section(workers: str, run: Results) -> list[str]:
-    """The tables of one worker count: endpoints, then loaded latency, memory and the raw limits."""
-    cpus = run["cpus"]
-    lines = [f"### `--workers {workers}`: server on CPU {cpus['server']}, wrk on CPU {cpus['wrk']}", ""]
+def run_section(run: Results) -> list[str]:
+    """The tables of one backend and worker count: endpoints, then loaded latency, memory and the raw limits."""
+    cpus, database = run["cpus"], DATABASES[run.get("database", "sqlite")]
+    lines = [
+        f"### {database}, `--workers {run['workers']}`: server on CPU {cpus['server']}, wrk on CPU {cpus['wrk']}",
+        "",
+    ]
+    if run.get("database") == "postgresql":
+        lines += ["PostgreSQL runs on the server's CPUs too; its CPU is counted with the server's.", ""]
     if cpus["shared"]:
         lines += [
             "wrk shares a core with the server here, so every ratio is lower than the server alone would get.",
@@ -113,6 +118,50 @@ def run_section(workers: str, run: Results) -> list[str]:
         " during the login flood at default Argon2."
     )
     return [*lines, "", *limit_lines(run["limits"]), ""]
+
+
+DATABASES = {"sqlite": "SQLite", "postgresql": "PostgreSQL"}
+
+
+def refresh_ratio(run: Results) -> float:
+    """Refresh req/s against its limit, as the endpoint table gives it."""
+    row = next(row for row in rows_of(run) if row.name == "POST /refresh")
+    return float(row.result["requests_per_s"] / row.limit) if row.limit else 0.0
+
+
+def summary_lines(runs: Results) -> list[str]:
+    """Refresh across the runs of this bench: its CPU per request, PostgreSQL against SQLite, and how a second
+    worker scales it (each ratio from figures measured in this run)."""
+    lines = [
+        "### Refresh across backends and workers",
+        "",
+        "| run | req/s | ratio to its limit | server CPU µs/request | database CPU µs/request |",
+        "|---|--:|--:|--:|--:|",
+    ]
+    for run in runs.values():
+        refresh = run["endpoints"]["refresh"]
+        lines.append(
+            f"| {DATABASES[run['database']]}, `--workers {run['workers']}` | {refresh['requests_per_s']:,.1f}"
+            f" | {refresh_ratio(run):.0%} | {refresh.get('server_cpu_us', 0):,.0f}"
+            f" | {refresh.get('database_cpu_us', 0):,.0f} |"
+        )
+    targets = []
+    sqlite_1, postgres_1 = runs.get("sqlite/1"), runs.get("postgresql/1")
+    if sqlite_1 and postgres_1:
+        ratio = (
+            postgres_1["endpoints"]["refresh"]["requests_per_s"] / sqlite_1["endpoints"]["refresh"]["requests_per_s"]
+        )
+        targets.append(("refresh on PostgreSQL / on SQLite, `--workers 1`", ratio, 0.70))
+    for database, label in DATABASES.items():
+        one, two = runs.get(f"{database}/1"), runs.get(f"{database}/2")
+        if one and two:
+            ratio = refresh_ratio(two) / refresh_ratio(one) if refresh_ratio(one) else 0.0
+            targets.append((f"{label}: refresh ratio with `--workers 2` / with `--workers 1`", ratio, 0.90))
+    if targets:
+        lines += ["", "| target | measured | wanted | met |", "|---|--:|--:|---|"]
+        lines += [f"| {name} | {value:.0%} | ≥ {wanted:.0%} | {verdict(value >= wanted)} |"
+                  for name, value, wanted in targets]  # fmt: skip
+    return [*lines, ""]
 
 
 def limit_lines(limits: Results) -> list[str]:
@@ -184,8 +233,9 @@ def markdown(results: Results) -> str:
         f" {results['settings']['users']} accounts per Argon2 setting.",
         "",
     ]
-    for workers, run in results["runs"].items():
-        lines += run_section(workers, run)
+    lines += summary_lines(results["runs"])
+    for run in results["runs"].values():
+        lines += run_section(run)
     lines += verify_lines(results["verify"])
     lines += [
         "",

@@ -47,20 +47,34 @@ def free_port() -> int:
 
 @dataclass(frozen=True, slots=True)
 class Installation:
-    """A fresh database and key directory, and the environment that points jwtauth at them."""
+    """A fresh database (a SQLite file, or a PostgreSQL database of the bench's own cluster) and key
+    directory, and the environment that points jwtauth at them."""
 
     directory: Path
     port: int
+    database_url: str | None = None  # PostgreSQL; None: SQLite in the directory
+    postmaster: int | None = None  # the PostgreSQL cluster's, to count its CPU
+
+    @property
+    def database(self) -> str:
+        return "sqlite" if self.database_url is None else "postgresql"
 
     def env(self, argon2_parameters: str) -> dict[str, str]:
+        database = {"JWTAUTH_DATABASE": str(self.directory / "bench.db")}
+        if self.database_url is not None:
+            database = {"JWTAUTH_DATABASE": self.database_url, "JWTAUTH_KEYS_PASSPHRASE": "bench passphrase"}
         return {
             **os.environ,
             **argon2_env(argon2_parameters),
-            "JWTAUTH_DATABASE": str(self.directory / "bench.db"),
+            **database,
             "JWTAUTH_KEYS_DIR": str(self.directory / "keys"),
             "JWTAUTH_ISSUER": f"http://{HOST}:{self.port}",
             # Everything else at jwtauth's defaults (a 10 s refresh reuse interval, too).
         }
+
+    def database_pids(self) -> list[int]:
+        """The processes of the database server (PostgreSQL's); none for SQLite, which runs in jwtauth."""
+        return process_tree(self.postmaster) if self.postmaster is not None else []
 
     @property
     def base_url(self) -> str:

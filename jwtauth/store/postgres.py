@@ -173,10 +173,20 @@ class PostgresStore:
 
     @contextmanager
     def _transaction(self, lock_timeout: float | None = None) -> Iterator[Connection[Row]]:
-        with self._connection() as conn, conn.transaction():
-            if lock_timeout is not None:
-                conn.execute(f"set local lock_timeout = {int(lock_timeout * 1000)}")
-            yield conn
+        """One transaction. BEGIN and SET LOCAL go to the server as one simple query: a round trip and a
+        statement fewer than psycopg's Connection.transaction() followed by the SET, on every rotation. On an
+        error the pool rolls the connection back before it serves again."""
+        with self._connection() as conn:
+            if lock_timeout is None:
+                conn.execute("begin")
+            else:  # lock_timeout, not a session-wide setting: PgBouncer in transaction mode keeps it to us
+                conn.execute(f"begin; set local lock_timeout = {int(lock_timeout * 1000)}")
+            try:
+                yield conn
+            except BaseException:
+                conn.rollback()
+                raise
+            conn.execute("commit")
 
     def _read(self, sql: str, parameters: Sequence[object] = ()) -> list[Row]:
         with self._connection() as conn:
