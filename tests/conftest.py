@@ -30,7 +30,7 @@ from jwtauth.config import Settings
 from jwtauth.keys import FileKeyRepository, KeyStore, StoredKeys
 from jwtauth.passwords import PasswordHasher
 from jwtauth.service import UserAdmin
-from jwtauth.store import is_postgres_url, open_store
+from jwtauth.store import decode_spent, is_postgres_url, open_store
 
 from .services import PostgresCluster, free_port, require_service, start_postgres, stop_postgres
 
@@ -214,6 +214,11 @@ def database_contents(database: str | Path) -> bytes:
     with contextlib.closing(sqlite3.connect(database)) as conn:
         dump = "\n".join(conn.iterdump()).encode()
     return b"".join(path.read_bytes() for path in paths if path.exists()) + dump
+
+
+def spent_tokens(database: str | Path) -> list[int]:
+    """How many spent tokens each session remembers, straight from the database."""
+    return [len(decode_spent(bytes(row[0]))) for row in query(database, "select spent from sessions")]
 
 
 def stored_keys(env: Mapping[str, str]) -> StoredKeys:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
-import json
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -18,7 +17,17 @@ import jwt
 from jwtauth.config import Settings
 from jwtauth.sessions import MAX_SPENT_TOKENS
 
-from .conftest import PASSWORD, Server, add_user, bearer, database_contents, query, start_server, stop_server
+from .conftest import (
+    PASSWORD,
+    Server,
+    add_user,
+    bearer,
+    database_contents,
+    query,
+    spent_tokens,
+    start_server,
+    stop_server,
+)
 
 
 @contextmanager
@@ -192,5 +201,5 @@ def test_the_database_never_holds_a_usable_refresh_token(env: dict[str, str]) ->
     assert not [token for token in issued if token.encode() in contents]
     assert not [secret for secret in secrets if secret.encode() in contents]
     assert not [raw for raw in raw_secrets if raw in contents]
-    spent = [len(json.loads(row[0])) for row in query(env["JWTAUTH_DATABASE"], "select spent from sessions")]
+    spent = spent_tokens(env["JWTAUTH_DATABASE"])
     assert len(spent) == 3 and max(spent) <= MAX_SPENT_TOKENS  # one bounded row per session

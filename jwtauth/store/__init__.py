@@ -7,12 +7,11 @@ machines). Both backends implement the same domain operations and raise the same
 
 from __future__ import annotations
 
-import base64
-import json
+import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 from jwtauth.config import Settings
 from jwtauth.keys import KeyRepository, StoredKeys
@@ -183,13 +182,24 @@ def describe_database(database: str) -> str:
     return f"{scheme}://{location}"
 
 
-# The spent tokens of a session, as both backends store them: a JSON array of [generation, spent_at, sealed].
+# The spent tokens of a session, as both backends store them (a BLOB, a bytea): for each, its generation
+# (8 bytes), when it was spent (a double) and the length of its sealed successor (2 bytes), then the sealed
+# successor itself. Read and written at every rotation, inside the write lock: a fixed layout, no JSON.
+_SPENT_HEADER = struct.Struct("<qdH")
 
 
-def encode_spent(spent: Sequence[SpentToken]) -> str:
-    return json.dumps([[t.generation, t.spent_at, base64.b64encode(t.sealed_successor).decode()] for t in spent])
+def encode_spent(spent: Sequence[SpentToken]) -> bytes:
+    return b"".join(
+        _SPENT_HEADER.pack(token.generation, token.spent_at, len(token.sealed_successor)) + token.sealed_successor
+        for token in spent
+    )
 
 
-def decode_spent(text: str) -> tuple[SpentToken, ...]:
-    rows: list[list[Any]] = json.loads(text)
-    return tuple(SpentToken(int(row[0]), float(row[1]), base64.b64decode(row[2])) for row in rows)
+def decode_spent(data: bytes) -> tuple[SpentToken, ...]:
+    spent, offset = [], 0
+    while offset < len(data):
+        generation, spent_at, length = _SPENT_HEADER.unpack_from(data, offset)
+        offset += _SPENT_HEADER.size
+        spent.append(SpentToken(generation, spent_at, bytes(data[offset : offset + length])))
+        offset += length
+    return tuple(spent)

@@ -64,7 +64,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             generation bigint not null,  -- of the live token
             token_hash text not null,  -- SHA-256 of the live token, never the token itself
             expires_at double precision not null,  -- of the live token
-            spent text not null default '[]'  -- JSON: [generation, spent_at, sealed successor (base64)]
+            spent bytea not null default ''  -- store.encode_spent: generation, spent_at, sealed successor
         )""",
         "create index sessions_by_user on sessions(user_id, created_at)",
         "create index sessions_by_expiry on sessions(expires_at)",
@@ -338,7 +338,7 @@ class PostgresStore:
                 )
             elif decision.outcome == "reuse_detected" and state is not None:
                 conn.execute(
-                    "update sessions set revoked_at = %s, spent = '[]' where id = %s", [state.revoked_at, state.id]
+                    "update sessions set revoked_at = %s, spent = '' where id = %s", [state.revoked_at, state.id]
                 )
             return decision
 
@@ -357,7 +357,7 @@ class PostgresStore:
     def _revoke(self, where: str, parameters: list[object], now: float) -> int:
         with self._connection() as conn:
             return conn.execute(
-                f"update sessions set revoked_at = %s, spent = '[]' where revoked_at is null and {where}",
+                f"update sessions set revoked_at = %s, spent = '' where revoked_at is null and {where}",
                 [now, *parameters],
             ).rowcount
 

@@ -100,7 +100,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             generation integer not null,  -- of the live token
             token_hash text not null,  -- SHA-256 of the live token, never the token itself
             expires_at real not null,  -- of the live token
-            spent text not null default '[]'  -- JSON: [generation, spent_at, sealed successor (base64)]
+            spent blob not null default x''  -- store.encode_spent: generation, spent_at, sealed successor
         )""",
         """insert into sessions_v5 (id, family, user_id, created_at, revoked_at, generation, token_hash, expires_at)
             select sessions.id, family, user_id, created_at, revoked_at, 0, token_hash, expires_at
@@ -384,7 +384,7 @@ class SqliteStore:
                 )
             elif decision.outcome == "reuse_detected" and state is not None:
                 conn.execute(
-                    "update sessions set revoked_at = ?, spent = '[]' where id = ?", [state.revoked_at, state.id]
+                    "update sessions set revoked_at = ?, spent = x'' where id = ?", [state.revoked_at, state.id]
                 )
             return decision
 
@@ -403,7 +403,7 @@ class SqliteStore:
     def _revoke(self, where: str, parameters: list[object], now: float) -> int:
         with self._write() as conn:
             return conn.execute(
-                f"update sessions set revoked_at = ?, spent = '[]' where revoked_at is null and {where}",
+                f"update sessions set revoked_at = ?, spent = x'' where revoked_at is null and {where}",
                 [now, *parameters],
             ).rowcount
 
