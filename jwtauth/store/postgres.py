@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 import anyio.to_thread
 import psycopg
 import psycopg.errors
-from psycopg import Connection
+from psycopg import Connection, Cursor
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import ConnectionPool, PoolTimeout
 
@@ -172,25 +172,27 @@ class PostgresStore:
         self._is_down = True
 
     @contextmanager
-    def _transaction(self, lock_timeout: float | None = None) -> Iterator[Connection[Row]]:
-        """One transaction. BEGIN and SET LOCAL go to the server as one simple query: a round trip and a
-        statement fewer than psycopg's Connection.transaction() followed by the SET, on every rotation. On an
-        error the pool rolls the connection back before it serves again."""
+    def _transaction(self, lock_timeout: float | None = None) -> Iterator[Cursor[Row]]:
+        """One transaction, its statements through one cursor. BEGIN and SET LOCAL go to the server as one
+        simple query: a round trip and a statement fewer than psycopg's Connection.transaction() followed by
+        the SET, on every rotation. On an error the transaction is rolled back before the connection serves
+        again."""
         with self._connection() as conn:
+            cursor = conn.cursor()
             if lock_timeout is None:
-                conn.execute("begin")
+                cursor.execute("begin")
             else:  # lock_timeout, not a session-wide setting: PgBouncer in transaction mode keeps it to us
-                conn.execute(f"begin; set local lock_timeout = {int(lock_timeout * 1000)}")
+                cursor.execute(f"begin; set local lock_timeout = {int(lock_timeout * 1000)}")
             try:
-                yield conn
+                yield cursor
             except BaseException:
                 conn.rollback()
                 raise
-            conn.execute("commit")
+            cursor.execute("commit")
 
     def _read(self, sql: str, parameters: Sequence[object] = ()) -> list[Row]:
         with self._connection() as conn:
-            return conn.execute(sql, parameters).fetchall()
+            return conn.cursor().execute(sql, parameters).fetchall()
 
     async def run(self, work: Callable[[], T]) -> T:
         """Every database call waits on the network: in a worker thread."""
@@ -203,21 +205,21 @@ class PostgresStore:
         database, one creates the schema and the others find it made."""
         try:
             for number, statements in enumerate(MIGRATIONS, start=1):
-                with self._transaction() as conn:
-                    conn.execute("select pg_advisory_xact_lock(%s)", [SCHEMA_LOCK])
-                    conn.execute("create table if not exists jwtauth_schema (version integer not null)")
-                    row = conn.execute("select version from jwtauth_schema").fetchone()
+                with self._transaction() as cursor:
+                    cursor.execute("select pg_advisory_xact_lock(%s)", [SCHEMA_LOCK])
+                    cursor.execute("create table if not exists jwtauth_schema (version integer not null)")
+                    row = cursor.execute("select version from jwtauth_schema").fetchone()
                     version = 0 if row is None else int(row[0])
                     if version > len(MIGRATIONS):
                         raise StoreError(f"database {self.description} has schema {version}, newer than this jwtauth")
                     if version >= number:
                         continue
                     for statement in statements:
-                        conn.execute(statement)
+                        cursor.execute(statement)
                     if row is None:
-                        conn.execute("insert into jwtauth_schema (version) values (%s)", [number])
+                        cursor.execute("insert into jwtauth_schema (version) values (%s)", [number])
                     else:
-                        conn.execute("update jwtauth_schema set version = %s", [number])
+                        cursor.execute("update jwtauth_schema set version = %s", [number])
         except (StoreUnavailableError, psycopg.Error) as exc:
             self.close()
             raise StoreError(f"cannot use database {self.description}: {_first_line(exc)}") from None
@@ -279,8 +281,8 @@ class PostgresStore:
     def add_user(self, email: str, name: str, password_hash: str, now: int) -> User:
         user = User(str(uuid.uuid4()), email, name, password_hash, False, now, now)
         try:
-            with self._transaction() as conn:
-                conn.execute(
+            with self._transaction() as cursor:
+                cursor.execute(
                     "insert into users (id, email, name, password_hash, created_at, updated_at)"
                     " values (%s, %s, %s, %s, %s, %s)",
                     [user.id, email, name, password_hash, now, now],
@@ -314,30 +316,30 @@ class PostgresStore:
     # Sessions
 
     def start_session(self, session: SessionState, max_sessions: int, address_key: str) -> int:
-        with self._transaction() as conn:
-            _insert_session(conn, session)
-            conn.execute("update users set last_login_key = %s where id = %s", [address_key, session.user.id])
-            cursor = conn.execute(
+        with self._transaction() as cursor:
+            _insert_session(cursor, session)
+            cursor.execute("update users set last_login_key = %s where id = %s", [address_key, session.user.id])
+            capped = cursor.execute(
                 "update sessions set revoked_at = %(now)s where id in (select id from sessions"
                 " where user_id = %(user)s and revoked_at is null and expires_at > %(now)s"
                 " order by created_at desc offset %(keep)s)",
                 {"now": session.created_at, "user": session.user.id, "keep": max_sessions},
             )
-            return cursor.rowcount
+            return capped.rowcount
 
     def rotate(self, family: str, decide: Callable[[SessionState | None], Decision]) -> Decision:
         """The session's row is locked until the decision is saved: concurrent rotations wait their turn."""
-        with self._transaction(lock_timeout=self.busy_timeout) as conn:
-            row = conn.execute(f"{_SELECT_SESSION} where family = %s for update of sessions", [family]).fetchone()
+        with self._transaction(lock_timeout=self.busy_timeout) as cursor:
+            row = cursor.execute(f"{_SELECT_SESSION} where family = %s for update of sessions", [family]).fetchone()
             decision = decide(_session(row))
             state = decision.state
             if decision.outcome == "rotated" and state is not None:
-                conn.execute(
+                cursor.execute(
                     "update sessions set generation = %s, token_hash = %s, expires_at = %s, spent = %s where id = %s",
                     [state.generation, state.token_hash, state.expires_at, encode_spent(state.spent), state.id],
                 )
             elif decision.outcome == "reuse_detected" and state is not None:
-                conn.execute(
+                cursor.execute(
                     "update sessions set revoked_at = %s, spent = '' where id = %s", [state.revoked_at, state.id]
                 )
             return decision
@@ -375,13 +377,13 @@ class PostgresStore:
     def delete_expired(self, now: float, revoked_before: float, attempts_before: int) -> int:
         deleted = 0
         while True:
-            with self._transaction() as conn:
-                conn.execute(
+            with self._transaction() as cursor:
+                cursor.execute(
                     "delete from login_attempts where key in (select key from login_attempts"
                     " where window_start <= %s limit %s for update skip locked)",
                     [attempts_before, SWEEP_BATCH],
                 )
-                count = conn.execute(
+                count = cursor.execute(
                     "delete from sessions where id in (select id from sessions where expires_at <= %s"
                     " or revoked_at <= %s limit %s for update skip locked)",
                     [now, revoked_before, SWEEP_BATCH],
@@ -397,9 +399,9 @@ class PostgresStore:
         transaction is rolled back, so that a blocked attempt counts under no key."""
         blocked: list[int] = []
         try:
-            with self._transaction() as conn:
+            with self._transaction() as cursor:
                 for key in sorted(limits):  # one order for every process: no deadlock between them
-                    row = conn.execute(
+                    row = cursor.execute(
                         "insert into login_attempts as counted (key, window_start, attempts)"
                         " values (%(key)s, %(now)s, 1) on conflict (key) do update set"
                         " window_start = case when counted.window_start <= %(passed)s then %(now)s"
@@ -410,7 +412,9 @@ class PostgresStore:
                         {"key": key, "now": now, "passed": now - window, "limit": limits[key]},
                     ).fetchone()
                     if row is None:
-                        start = conn.execute("select window_start from login_attempts where key = %s", [key]).fetchone()
+                        start = cursor.execute(
+                            "select window_start from login_attempts where key = %s", [key]
+                        ).fetchone()
                         blocked.append(int(start[0]) + window - now if start else window)
                 if blocked:
                     raise _Blocked
@@ -419,10 +423,10 @@ class PostgresStore:
         return None
 
     def forgive_login_attempt(self, reset: str, release: Sequence[str]) -> None:
-        with self._transaction() as conn:
-            conn.execute("delete from login_attempts where key = %s", [reset])
+        with self._transaction() as cursor:
+            cursor.execute("delete from login_attempts where key = %s", [reset])
             for key in sorted(release):
-                conn.execute("update login_attempts set attempts = greatest(attempts - 1, 0) where key = %s", [key])
+                cursor.execute("update login_attempts set attempts = greatest(attempts - 1, 0) where key = %s", [key])
 
     # Moving a deployment
 
@@ -434,25 +438,23 @@ class PostgresStore:
         return Snapshot(users, [session for session in map(_session, rows) if session is not None])
 
     def import_(self, snapshot: Snapshot) -> None:
-        with self._transaction() as conn:
-            conn.execute("select pg_advisory_xact_lock(%s)", [KEYS_LOCK])
-            row = conn.execute(
+        with self._transaction() as cursor:
+            cursor.execute("select pg_advisory_xact_lock(%s)", [KEYS_LOCK])
+            row = cursor.execute(
                 "select exists (select 1 from users) or exists (select 1 from sessions)"
                 " or exists (select 1 from signing_keys)"
             ).fetchone()
             if row is not None and row[0]:
                 raise StoreError(f"database {self.description} already holds jwtauth data; nothing was copied")
-            with conn.cursor() as cursor:
-                cursor.executemany(
-                    f"insert into users ({_USER_COLUMNS.replace('users.', '')})"
-                    " values (%s, %s, %s, %s, %s, %s, %s, %s)",
-                    [(u.id, u.email, u.name, u.password_hash, u.is_disabled, u.created_at, u.updated_at,
-                      u.last_login_key) for u in snapshot.users],
-                )  # fmt: skip
+            cursor.executemany(
+                f"insert into users ({_USER_COLUMNS.replace('users.', '')}) values (%s, %s, %s, %s, %s, %s, %s, %s)",
+                [(u.id, u.email, u.name, u.password_hash, u.is_disabled, u.created_at, u.updated_at, u.last_login_key)
+                 for u in snapshot.users],
+            )  # fmt: skip
             for session in snapshot.sessions:
-                _insert_session(conn, session)
+                _insert_session(cursor, session)
             if snapshot.keys is not None:
-                _PostgresKeyChange(conn).write(snapshot.keys)
+                _PostgresKeyChange(cursor).write(snapshot.keys)
 
 
 class _Blocked(Exception):  # rolls back the counts of an attempt that a limit refused
@@ -475,8 +477,8 @@ class PostgresKeyRepository:
 
     def read(self) -> StoredKeys:
         try:
-            with self.store._transaction() as conn:
-                stored = _read_keys(conn)
+            with self.store._transaction() as cursor:
+                stored = _read_keys(cursor)
         except (StoreUnavailableError, psycopg.Error) as exc:
             raise KeyStoreError(f"cannot read the key set from {self.store.description}: {_first_line(exc)}") from None
         if stored is None:
@@ -486,9 +488,9 @@ class PostgresKeyRepository:
     @contextmanager
     def change(self) -> Iterator[KeyChange]:
         try:
-            with self.store._transaction() as conn:
-                conn.execute("select pg_advisory_xact_lock(%s)", [KEYS_LOCK])
-                yield _PostgresKeyChange(conn)
+            with self.store._transaction() as cursor:
+                cursor.execute("select pg_advisory_xact_lock(%s)", [KEYS_LOCK])
+                yield _PostgresKeyChange(cursor)
         except (StoreUnavailableError, psycopg.Error) as exc:
             raise KeyStoreError(f"cannot change the key set in {self.store.description}: {_first_line(exc)}") from None
 
@@ -498,19 +500,19 @@ class PostgresKeyRepository:
 
 
 class _PostgresKeyChange:
-    def __init__(self, conn: Connection[Row]) -> None:
-        self.conn = conn
+    def __init__(self, cursor: Cursor[Row]) -> None:
+        self.cursor = cursor
 
     def read(self) -> StoredKeys | None:
-        return _read_keys(self.conn)
+        return _read_keys(self.cursor)
 
     def write(self, keys: StoredKeys) -> list[str]:
         kids = [entry.kid for entry in keys.entries]
-        deleted = [row[0] for row in self.conn.execute(
+        deleted = [row[0] for row in self.cursor.execute(
             "delete from signing_keys where not (kid = any(%s)) returning kid", [kids]
         ).fetchall()]  # fmt: skip
         for entry in keys.entries:
-            self.conn.execute(
+            self.cursor.execute(
                 f"insert into signing_keys ({_KEY_COLUMNS}, pem) values (%s, %s, %s, %s, %s, %s, %s)"
                 " on conflict (kid) do update set state = excluded.state, activated_at = excluded.activated_at,"
                 " retired_at = excluded.retired_at",
@@ -518,16 +520,16 @@ class _PostgresKeyChange:
                  keys.pems[entry.kid].decode()],
             )  # fmt: skip
         secret = keys.refresh_secret.decode() if keys.refresh_secret else None
-        self.conn.execute("update key_set set version = version + 1, refresh_secret = %s where id = 1", [secret])
+        self.cursor.execute("update key_set set version = version + 1, refresh_secret = %s where id = 1", [secret])
         return deleted
 
 
-def _read_keys(conn: Connection[Row]) -> StoredKeys | None:
-    rows = conn.execute(  # in the order of the lifecycle, as the JWKS lists them
+def _read_keys(cursor: Cursor[Row]) -> StoredKeys | None:
+    rows = cursor.execute(  # in the order of the lifecycle, as the JWKS lists them
         f"select {_KEY_COLUMNS}, pem from signing_keys order by created_at,"
         " case state when 'retired' then 0 when 'current' then 1 else 2 end, kid"
     ).fetchall()
-    secret_row = conn.execute("select refresh_secret from key_set where id = 1").fetchone()
+    secret_row = cursor.execute("select refresh_secret from key_set where id = 1").fetchone()
     if not rows:
         return None
     entries = tuple(KeyEntry(*row[:6]) for row in rows)
@@ -535,8 +537,8 @@ def _read_keys(conn: Connection[Row]) -> StoredKeys | None:
     return StoredKeys(entries, {row[0]: row[6].encode() for row in rows}, secret)
 
 
-def _insert_session(conn: Connection[Row], session: SessionState) -> None:
-    conn.execute(
+def _insert_session(cursor: Cursor[Row], session: SessionState) -> None:
+    cursor.execute(
         "insert into sessions (id, family, user_id, created_at, generation, token_hash, expires_at, spent)"
         " values (%s, %s, %s, %s, %s, %s, %s, %s)",
         [session.id, session.family, session.user.id, session.created_at, session.generation, session.token_hash,
