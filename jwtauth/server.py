@@ -92,6 +92,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self.feeding = len(data)
         super().data_received(data)
 
+    def send_400_response(self, msg: str) -> None:
+        self.refuse(400, "malformed HTTP request")
+
     def refuse(self, status: int, description: str) -> None:
         """Answer with a JSON error and close. While the app answers an earlier request (pipelined), just close:
         the client would take an answer now for that request's."""
