@@ -449,3 +449,27 @@ def test_rehash_on_login_when_argon2_parameters_change(env: dict[str, str], tmp_
         login(client, account.email)
         assert ",t=2," in stored_hash()
         login(client, account.email)  # the new hash verifies
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le", "utf-32-be"])
+def test_json_not_in_utf8_is_an_invalid_request(
+    client: TestClient, alice: Account, settings: Settings, encoding: str
+) -> None:
+    """RFC 8259 §8.1: a filter that reads UTF-8 would not see through UTF-16 or UTF-32 (with or without BOM)."""
+    raw = json.dumps({"email": alice.email, "password": alice.password}).encode(encoding)
+    before = table_counts(settings.database)
+
+    response = client.post("/login", content=raw, headers={"content-type": "application/json"})
+
+    assert_error(response, 400, "invalid_request")
+    assert "UTF-8" in response.json()["error_description"]
+    assert table_counts(settings.database) == before
+
+
+def test_json_in_utf8_with_a_byte_order_mark_is_read(client: TestClient, alice: Account) -> None:
+    """RFC 8259 §8.1 lets a parser ignore a UTF-8 byte order mark; we do."""
+    raw = json.dumps({"email": alice.email, "password": alice.password}).encode("utf-8-sig")
+
+    response = client.post("/login", content=raw, headers={"content-type": "application/json"})
+
+    assert response.status_code == 200
