@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import ipaddress
 import logging
 import re
 import secrets
@@ -434,7 +435,17 @@ class UserAdmin:
 
 
 def _throttle_key(email: str, address: str) -> str:
-    return hashlib.sha256(f"{email}\x00{address}".encode()).hexdigest()
+    return hashlib.sha256(f"{email}\x00{_address_bucket(address)}".encode()).hexdigest()
+
+
+def _address_bucket(address: str) -> str:
+    """What a client address counts as in throttling: an IPv6 address by its /64 network, which one subscriber
+    or host gets whole (RFC 6177, RFC 7421) and may fill with addresses at will; anything else as it is."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    return str(ipaddress.ip_network((ip, 64), strict=False)) if ip.version == 6 else address
 
 
 def check_email(email: str) -> str:

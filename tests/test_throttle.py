@@ -181,3 +181,46 @@ def test_one_client_is_one_address_however_it_is_spelt(
         attempt(proxied, alice.email, "wrong password", address=spellings[n % len(spellings)])
 
     assert attempt(proxied, alice.email, alice.password, address=spellings[-1]).status_code == 429
+
+
+def test_an_ipv6_client_counts_by_its_64_network(proxied: TestClient, alice: Account) -> None:
+    """One subscriber gets a whole /64 and may use any address in it: sixty addresses are not sixty budgets."""
+    assert [fail(proxied, alice.email, 1, address=f"2001:db8:1:2::{n:x}")[0] for n in range(1, 6)] == [400] * 5
+
+    assert attempt(proxied, alice.email, alice.password, address="2001:db8:1:2:ffff:ffff:ffff:ffff").status_code == 429
+    assert attempt(proxied, alice.email, alice.password, address="2001:db8:1:3::1").status_code == 200
+
+
+def test_an_ipv4_mapped_address_counts_as_its_ipv4_address(proxied: TestClient, alice: Account) -> None:
+    fail(proxied, alice.email, 3, address="::ffff:203.0.113.7")
+    fail(proxied, alice.email, 2, address="203.0.113.7")
+
+    assert attempt(proxied, alice.email, alice.password, address="[::ffff:203.0.113.7]:4000").status_code == 429
+
+
+@pytest.mark.parametrize("made_up", ["unknown", "203.0.113.7 user=admin", "fe80::1%eth0 user=admin", "_hidden"])
+def test_a_forwarded_hop_that_is_not_an_address_is_not_believed(
+    proxied: TestClient, alice: Account, made_up: str
+) -> None:
+    """A proxy may pass on a header its client wrote: the nearest hop that is an address counts, so a client
+    cannot buy a fresh budget with each made-up text."""
+    statuses = [fail(proxied, alice.email, 1, address=f"203.0.113.7, {made_up}{n}")[0] for n in range(6)]
+
+    assert statuses == [400] * 5 + [429]
+
+
+@pytest.mark.parametrize(
+    "made_up",
+    ["1.2.3.4 user=admin", "1.2.3.4\nlogin_succeeded user=admin", "fe80::1%eth0\nlogin_succeeded user=admin"],
+)
+def test_a_made_up_hop_never_reaches_the_log(
+    env: dict[str, str], alice: Account, caplog: pytest.LogCaptureFixture, made_up: str
+) -> None:
+    settings = Settings.from_env({**env, "JWTAUTH_TRUSTED_PROXIES": "10.0.0.0/24", "JWTAUTH_LOGIN_MAX_FAILURES": "1"})
+    with caplog.at_level("INFO"), TestClient(create_app(settings), client=PROXY) as client:
+        statuses = [attempt(client, alice.email, "wrong password", address=made_up).status_code for _ in range(2)]
+
+    assert statuses == [400, 429]
+    throttled = [record.getMessage() for record in caplog.records if record.getMessage().startswith("login_throttled")]
+    assert throttled == ["login_throttled address=10.0.0.2"]  # no address in the header: the proxy's counts
+    assert "user=admin" not in caplog.text
