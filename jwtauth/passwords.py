@@ -31,10 +31,17 @@ class PasswordHasher:
         return self._hasher.hash(password)
 
     def verify(self, stored_hash: str, password: str) -> bool:
-        """Return whether password matches stored_hash; a malformed hash never matches."""
+        """Return whether password matches stored_hash; a malformed hash never matches.
+
+        A failed check of a hash made with other parameters than ours (say, by `jwtauth users add` without the
+        server's JWTAUTH_ARGON2_*) also spends a dummy verification: a cheaper hash would otherwise fail
+        faster, and the time of a failed login would tell which accounts have not logged in since.
+        """
         try:
             return self._hasher.verify(stored_hash, password)
         except (VerificationError, InvalidHashError):  # InvalidHashError is not an Argon2Error
+            if self.needs_rehash(stored_hash):
+                self.verify_dummy(password)
             return False
 
     def verify_dummy(self, password: str) -> None:
