@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import concurrent.futures
+import statistics
 import threading
+import time
 from collections.abc import Iterator
 
 import httpx2 as httpx
@@ -13,7 +15,7 @@ from starlette.testclient import TestClient
 from jwtauth.app import create_app
 from jwtauth.config import Settings
 
-from .conftest import PASSWORD, Account, Clock, add_user, start_server, stop_server
+from .conftest import PASSWORD, Account, Clock, add_user, start_server, stop_server, table_counts
 
 PROXY = ("10.0.0.2", 40000)  # the peer every request comes from: a reverse proxy we trust
 
@@ -224,3 +226,39 @@ def test_a_made_up_hop_never_reaches_the_log(
     throttled = [record.getMessage() for record in caplog.records if record.getMessage().startswith("login_throttled")]
     assert throttled == ["login_throttled address=10.0.0.2"]  # no address in the header: the proxy's counts
     assert "user=admin" not in caplog.text
+
+
+@pytest.mark.parametrize("path", ["/login", "/users"])
+def test_logins_beyond_the_queue_get_503_at_once(env: dict[str, str], path: str) -> None:
+    """One hashing slot, two places in the queue, twelve logins (or registrations) at once: the ones that find
+    the queue full are refused before any password is hashed, and write nothing."""
+    server_env = {**env, "JWTAUTH_ARGON2_TIME_COST": "6", "JWTAUTH_ARGON2_MEMORY_KIB": "32768",  # ~0.2 s a hash
+                  "JWTAUTH_HASH_CONCURRENCY": "1", "JWTAUTH_LOGIN_QUEUE": "2",
+                  "JWTAUTH_OPEN_REGISTRATION": "1"}  # fmt: skip
+    add_user(Settings.from_env(server_env), "alice@example.com")
+    server = start_server(server_env)
+    start = threading.Barrier(12)
+
+    def log_in(number: int) -> tuple[httpx.Response, float]:
+        email = "alice@example.com" if path == "/login" else f"new{number}@example.com"
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            http.get("/healthz")  # connected before the race
+            start.wait()
+            started = time.monotonic()
+            response = http.post(path, json={"email": email, "password": PASSWORD})
+            return response, time.monotonic() - started
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(12) as pool:
+            outcomes = list(pool.map(log_in, range(12)))
+    finally:
+        stop_server(server)
+
+    done = [seconds for response, seconds in outcomes if response.status_code in (200, 201)]
+    refused = [(response, seconds) for response, seconds in outcomes if response.status_code == 503]
+    assert len(done) + len(refused) == 12 and len(done) >= 3 and refused
+    for response, _ in refused:
+        assert (response.json()["error"], response.headers["retry-after"]) == ("temporarily_unavailable", "1")
+    assert statistics.median(seconds for _, seconds in refused) < min(done)  # at once, not after a hash
+    counts = table_counts(server_env["JWTAUTH_DATABASE"])
+    assert counts["sessions" if path == "/login" else "users"] == len(done) + (0 if path == "/login" else 1)
