@@ -26,7 +26,7 @@ from jwtauth.errors import (
     TemporarilyUnavailableError,
 )
 from jwtauth.keys import KeyStore
-from jwtauth.passwords import COMMON_PASSWORDS, MAX_PASSWORD_LENGTH, MIN_PASSWORD_LENGTH, PasswordHasher
+from jwtauth.passwords import MAX_PASSWORD_LENGTH, MIN_PASSWORD_LENGTH, PasswordHasher, is_common_password
 from jwtauth.sessions import FRESH_BYTES, Decision, RotationPolicy, SessionState, decide_rotation, was_issued
 from jwtauth.store import Store, User
 from jwtauth.tokens import (
@@ -482,13 +482,13 @@ def check_password(password: str) -> None:
 
     Raises:
         InvalidRequestError: shorter than 8 or longer than 1024 characters, one of the most common
-            passwords, or holding a NUL or lone surrogate.
+            passwords or one character repeated, or holding a NUL or lone surrogate.
     """
     if len(password) < MIN_PASSWORD_LENGTH:
         raise InvalidRequestError(f"password must be at least {MIN_PASSWORD_LENGTH} characters")
     if len(password) > MAX_PASSWORD_LENGTH:
         raise InvalidRequestError(f"password must be at most {MAX_PASSWORD_LENGTH} characters")
-    if password.lower() in COMMON_PASSWORDS:
-        raise InvalidRequestError("this password is one of the most common ones; choose another")
+    if is_common_password(password):
+        raise InvalidRequestError("this password is one of the most common ones, or one character repeated")
     if any(c == "\x00" or "\ud800" <= c <= "\udfff" for c in password):
         raise InvalidRequestError("password holds characters that are not allowed (NUL, unpaired surrogates)")

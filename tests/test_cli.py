@@ -130,6 +130,28 @@ def test_passwd_with_a_short_password_changes_nothing(env: dict[str, str]) -> No
     assert can_log_in(env, "carol@example.com", PASSWORD)
 
 
+COMMON = ["aaaaaaaa", "Lizaveta", "password1"]  # a run of one character; ranks 9,999 and 52 of zxcvbn's list
+
+
+@pytest.mark.parametrize("password", COMMON)
+def test_users_add_refuses_a_common_password(env: dict[str, str], password: str) -> None:
+    add(env, "seed@example.com")
+    before = table_counts(env["JWTAUTH_DATABASE"])
+
+    assert_fails_cleanly(add(env, "carol@example.com", password), "common")
+    assert table_counts(env["JWTAUTH_DATABASE"]) == before
+
+
+@pytest.mark.parametrize("password", COMMON)
+def test_passwd_refuses_a_common_password(env: dict[str, str], password: str) -> None:
+    add(env, "carol@example.com")
+
+    result = run_cli("users", "passwd", "carol@example.com", "--password-stdin", env=env, stdin=password + "\n")
+
+    assert_fails_cleanly(result, "common")
+    assert can_log_in(env, "carol@example.com", PASSWORD)
+
+
 def test_disable_and_enable(env: dict[str, str]) -> None:
     add(env, "carol@example.com")
 

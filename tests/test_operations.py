@@ -198,6 +198,8 @@ def test_registration_is_closed_by_default(client: TestClient, settings: Setting
         ({"email": "new@example.com", "password": "short"}, 400, "invalid_request", "at least 8"),
         ({"email": "new@example.com", "password": "Password123"}, 400, "invalid_request", "common"),
         ({"email": "new@example.com", "password": "qwertyuiop"}, 400, "invalid_request", "common"),
+        ({"email": "new@example.com", "password": "aaaaaaaa"}, 400, "invalid_request", "repeated"),
+        ({"email": "new@example.com", "password": "Lizaveta"}, 400, "invalid_request", "common"),  # rank 9,999
         ({"email": "not-an-address", "password": "a fine password"}, 400, "invalid_request", "email"),
         ({"email": "new@example.com"}, 400, "invalid_request", "password"),
         ({"email": "new@example.com", "password": "a fine password", "name": 7}, 400, "invalid_request", "name"),
