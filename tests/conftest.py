@@ -365,3 +365,8 @@ def clock() -> Clock:
 
 def bearer(token: object) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
+
+
+def full_width(text: str) -> str:
+    """The look-alike of ASCII text in full-width forms (U+FF01 to U+FF5E), which NFKC maps back."""
+    return "".join(chr(ord(character) + 0xFEE0) if "!" <= character <= "~" else character for character in text)

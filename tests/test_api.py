@@ -17,7 +17,18 @@ from starlette.testclient import TestClient
 from jwtauth.app import create_app
 from jwtauth.config import Settings
 
-from .conftest import PASSWORD, Account, Clock, add_user, bearer, disable_user, login, query, table_counts
+from .conftest import (
+    PASSWORD,
+    Account,
+    Clock,
+    add_user,
+    bearer,
+    disable_user,
+    full_width,
+    login,
+    query,
+    table_counts,
+)
 
 TOKEN_FIELDS = {"access_token", "token_type", "expires_in", "refresh_token", "refresh_expires_in"}
 
@@ -184,6 +195,22 @@ def test_other_content_type_is_refused_with_415(client: TestClient, alice: Accou
 
 def test_email_is_case_insensitive_at_login(client: TestClient, alice: Account) -> None:
     login(client, "  ALICE@Example.COM ")
+
+
+@pytest.mark.parametrize(
+    "spelling",
+    ["jose\u0301@example.com", full_width("jos") + "é" + full_width("@example.com"), "JOSÉ@Example.COM"],
+    ids=["nfd", "full-width", "upper-case"],
+)
+def test_every_spelling_of_an_address_logs_in_to_its_one_account(
+    client: TestClient, settings: Settings, spelling: str
+) -> None:
+    josé = add_user(settings, "José@example.com")  # stored NFC, case folded
+
+    pair = login(client, spelling)
+
+    _, claims = decode_unverified(str(pair["access_token"]))
+    assert (claims["sub"], claims["email"]) == (josé.id, "josé@example.com")
 
 
 def test_disabled_user_gets_invalid_grant(client: TestClient, alice: Account, settings: Settings) -> None:

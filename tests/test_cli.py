@@ -18,7 +18,7 @@ from starlette.testclient import TestClient
 from jwtauth.app import create_app
 from jwtauth.config import Settings
 
-from .conftest import PASSWORD, login, run_cli, table_counts
+from .conftest import PASSWORD, full_width, login, run_cli, table_counts
 from .services import free_port
 
 
@@ -93,13 +93,29 @@ def test_duplicate_email_fails_and_writes_nothing(env: dict[str, str], duplicate
     assert can_log_in(env, "carol@example.com", PASSWORD)
 
 
-@pytest.mark.parametrize("address", ["carol", "carol@", "@example.com", "carol@example", "ca rol@example.com", ""])
+@pytest.mark.parametrize(
+    "address",
+    ["carol", "carol@", "@example.com", "carol@example", "ca rol@example.com", "", '"carol"@example.com',
+     "<carol@example.com>", "carol@example.com(comment)", "carol@corp.local"],
+)  # fmt: skip
 def test_bad_address_fails_and_writes_nothing(env: dict[str, str], address: str) -> None:
     add(env, "seed@example.com")
     before = table_counts(env["JWTAUTH_DATABASE"])
 
     assert_fails_cleanly(add(env, address), "email")
     assert table_counts(env["JWTAUTH_DATABASE"]) == before
+
+
+@pytest.mark.parametrize("spelling", ["jose\u0301@example.com", full_width("JOS") + "É@example.com"])
+def test_a_look_alike_of_an_existing_address_is_that_user(env: dict[str, str], spelling: str) -> None:
+    """Issue 15: `users disable` disabled one of two identical-looking users; now they cannot both exist."""
+    add(env, "josé@example.com")
+    before = table_counts(env["JWTAUTH_DATABASE"])
+
+    assert_fails_cleanly(add(env, spelling, "another password"), "exists")
+    assert table_counts(env["JWTAUTH_DATABASE"]) == before
+    assert run_cli("users", "disable", spelling, env=env).returncode == 0
+    assert run_cli("users", "list", env=env).stdout.split("\t")[:3] == ["josé@example.com", "", "disabled"]
 
 
 @pytest.mark.parametrize("password", ["", "1234567", "p" * 1025])

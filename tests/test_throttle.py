@@ -15,7 +15,7 @@ from starlette.testclient import TestClient
 from jwtauth.app import create_app
 from jwtauth.config import Settings
 
-from .conftest import PASSWORD, Account, Clock, add_user, start_server, stop_server, table_counts
+from .conftest import PASSWORD, Account, Clock, add_user, full_width, start_server, stop_server, table_counts
 
 PROXY = ("10.0.0.2", 40000)  # the peer every request comes from: a reverse proxy we trust
 
@@ -91,6 +91,14 @@ def test_unknown_emails_are_counted_like_known_ones(proxied: TestClient, alice: 
 def test_the_count_ignores_the_emails_case(proxied: TestClient, alice: Account) -> None:
     fail(proxied, "ALICE@example.com", 3)
     fail(proxied, "alice@EXAMPLE.com", 2)
+
+    assert attempt(proxied, alice.email, alice.password).status_code == 429
+
+
+def test_the_count_ignores_look_alike_spellings_of_the_email(proxied: TestClient, alice: Account) -> None:
+    fail(proxied, full_width("alice@example.com"), 2)
+    fail(proxied, full_width("ALICE") + "@example.com", 2)
+    fail(proxied, "\u3000Alice@Example.com", 1)  # an ideographic space before it
 
     assert attempt(proxied, alice.email, alice.password).status_code == 429
 
