@@ -258,4 +258,12 @@ def _iso(timestamp: float) -> str:
 
 def run() -> None:
     """The console-script entry point."""
-    sys.exit(main())
+    try:
+        code = main()
+        sys.stdout.flush()  # a reader that has gone (`jwtauth users list | head -1`) shows here, not at exit
+    except BrokenPipeError:
+        # The reader has what it wanted: no traceback. Point stdout at /dev/null, so that the flush at exit
+        # fails no more (Python's documentation, signal module, "Note on SIGPIPE").
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 1
+    sys.exit(code)

@@ -18,7 +18,7 @@ from starlette.testclient import TestClient
 from jwtauth.app import create_app
 from jwtauth.config import Settings
 
-from .conftest import PASSWORD, full_width, login, run_cli, table_counts
+from .conftest import PASSWORD, add_user, full_width, login, run_cli, table_counts
 from .services import free_port
 
 
@@ -333,3 +333,19 @@ def test_password_prompt_without_a_terminal_or_input_fails_cleanly(env: dict[str
 @pytest.mark.parametrize("port", ["0", "65536", "99999"])
 def test_serve_refuses_a_port_out_of_range(env: dict[str, str], port: str) -> None:
     assert_fails_cleanly(run_cli("serve", "--port", port, env=env), "--port")
+
+
+def test_users_list_into_a_pipe_closed_early_exits_quietly(env: dict[str, str]) -> None:
+    """`jwtauth users list | head -1` printed a BrokenPipeError traceback once head had gone."""
+    for number in range(3):
+        add_user(Settings.from_env(env), f"user{number}@example.com")
+    reader, writer = os.pipe()
+    os.close(reader)  # the reader is gone before the first line
+    clean = {key: value for key, value in os.environ.items() if not key.startswith("JWTAUTH_")}
+    try:
+        result = subprocess.run([sys.executable, "-m", "jwtauth", "users", "list"], env={**clean, **env},
+                                stdout=writer, stderr=subprocess.PIPE, timeout=60, check=False)  # fmt: skip
+    finally:
+        os.close(writer)
+
+    assert (result.returncode, result.stderr) == (1, b"")
