@@ -69,28 +69,27 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self.message_ended = False
         if self.is_in_body:
             self.deadline = self.loop.time() + BODY_TIMEOUT_SECONDS
-            self.feed(data)
-            return
-        room = MAX_HEAD_BYTES - self.head_bytes
-        if len(data) <= room:
+        elif len(data) <= MAX_HEAD_BYTES - self.head_bytes:
             self.head_bytes += len(data)
-            self.feed(data)
+        else:
+            self.receive_beyond_head_limit(data)
             return
-        # Parse only what fits: httptools would buffer a header of any length.
-        heads_done = self.heads_done
-        self.head_bytes = MAX_HEAD_BYTES
+        self.feeding = len(data)
+        super().data_received(data)
+
+    def receive_beyond_head_limit(self, data: bytes) -> None:
+        """Parse only what fits, since httptools would buffer a header of any length; refuse the head if it
+        does not end there, else go on with the rest."""
+        room, heads_done = MAX_HEAD_BYTES - self.head_bytes, self.heads_done
+        self.head_bytes, self.feeding = MAX_HEAD_BYTES, room
         if room:
-            self.feed(data[:room])
+            super().data_received(data[:room])
         if self.transport.is_closing():
             return
         if self.heads_done == heads_done:
             self.refuse(431, f"the request head is over {MAX_HEAD_BYTES} bytes")
             return
         self.data_received(data[room:])
-
-    def feed(self, data: bytes) -> None:
-        self.feeding = len(data)
-        super().data_received(data)
 
     def send_400_response(self, msg: str) -> None:
         self.refuse(400, "malformed HTTP request")
@@ -123,7 +122,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self.heads_done += 1
         self.is_in_body = True
         self.deadline = self.loop.time() + BODY_TIMEOUT_SECONDS
-        self.arm()
+        if self.timer is None:
+            self.arm()
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
@@ -138,7 +138,10 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             self.transport.close()
         super().on_response_complete()
         if not self.transport.is_closing():
-            self.wait_for_head()
+            self.waiting_since = self.loop.time()
+            self.deadline = self.waiting_since + HEAD_TIMEOUT_SECONDS
+            if self.timer is None:
+                self.arm()
 
     # Deadlines
 
