@@ -9,7 +9,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -28,6 +28,7 @@ from jwtauth.errors import (
     InvalidRequestError,
     KeyStoreError,
     StoreUnavailableError,
+    TemporarilyUnavailableError,
     UnsupportedGrantTypeError,
 )
 from jwtauth.keys import KeyStore
@@ -49,6 +50,7 @@ from jwtauth.web import (
 )
 
 log = logging.getLogger("jwtauth")
+T = TypeVar("T")
 
 
 # Endpoints
@@ -65,6 +67,7 @@ async def login(request: Request) -> Response:
       "413": {$ref: "#/components/responses/Error"}
       "415": {$ref: "#/components/responses/Error"}
       "429": {$ref: "#/components/responses/Error"}
+      "503": {$ref: "#/components/responses/Error"}
     """
     params = await read_params(request)
     return await _password_login(request, text_param(params, "email", MAX_EMAIL_LENGTH), params)
@@ -74,9 +77,8 @@ async def _password_login(request: Request, email: str, params: Mapping[str, obj
     password = text_param(params, "password", MAX_PASSWORD_LENGTH)
     service: AuthService = request.state.service
     address = client_address(request, service.settings.trusted_proxies)
-    # Argon2 runs in a worker thread, at most one per core, so the event loop keeps serving.
-    login = functools.partial(service.login, email, password, address)
-    pair = await anyio.to_thread.run_sync(login, limiter=request.state.hash_limiter)
+    hashing: HashingQueue = request.state.hashing
+    pair = await hashing.run(functools.partial(service.login, email, password, address))
     return browser.token_response(request, pair)
 
 
@@ -94,6 +96,7 @@ async def register(request: Request) -> Response:
       "413": {$ref: "#/components/responses/Error"}
       "415": {$ref: "#/components/responses/Error"}
       "429": {$ref: "#/components/responses/Error"}
+      "503": {$ref: "#/components/responses/Error"}
     """
     service: AuthService = request.state.service
     if not service.settings.open_registration:
@@ -103,8 +106,8 @@ async def register(request: Request) -> Response:
     password = text_param(params, "password", MAX_PASSWORD_LENGTH)
     name = text_param(params, "name", MAX_NAME_LENGTH, required=False)
     address = client_address(request, service.settings.trusted_proxies)
-    create = functools.partial(service.register, email, password, name, address)
-    user = await anyio.to_thread.run_sync(create, limiter=request.state.hash_limiter)
+    hashing: HashingQueue = request.state.hashing
+    user = await hashing.run(functools.partial(service.register, email, password, name, address))
     return JSONResponse({"id": user.id, "email": user.email, "name": user.name}, 201, {"Cache-Control": "no-store"})
 
 
@@ -143,6 +146,7 @@ async def token(request: Request) -> Response:
       "413": {$ref: "#/components/responses/Error"}
       "415": {$ref: "#/components/responses/Error"}
       "429": {$ref: "#/components/responses/Error"}
+      "503": {$ref: "#/components/responses/Error"}
     """
     params = await read_params(request)
     grant_type = text_param(params, "grant_type")
@@ -314,6 +318,30 @@ def open_service(settings: Settings, clock: Callable[[], float] = time.time) -> 
     return service
 
 
+class HashingQueue:
+    """Calls that hash a password, run in worker threads so that the event loop keeps serving: at most `slots`
+    at once (one per core: each takes Argon2's memory), and at most `queue` more waiting for a slot."""
+
+    def __init__(self, slots: int, queue: int) -> None:
+        self.limiter = anyio.CapacityLimiter(slots)
+        self.queue = queue
+        self.calls = 0  # hashing or waiting; counted here, as anyio's limiter counts its waiters only later
+
+    async def run(self, call: Callable[[], T]) -> T:
+        """Run `call` in a worker thread once a slot is free.
+
+        Raises:
+            TemporarilyUnavailableError: `queue` calls already wait; nothing was run.
+        """
+        if self.calls >= self.limiter.total_tokens + self.queue:
+            raise TemporarilyUnavailableError("too many logins wait for a password check; try again shortly")
+        self.calls += 1
+        try:
+            return await anyio.to_thread.run_sync(call, limiter=self.limiter)
+        finally:
+            self.calls -= 1
+
+
 CLEAN_UP_EVERY = 60  # seconds between sweeps of ended sessions
 COUNT_SESSIONS_EVERY = 5  # seconds between counts of the live sessions, for /metrics
 
@@ -357,7 +385,7 @@ def create_app(settings: Settings, clock: Callable[[], float] = time.time) -> St
                 "openapi": json.dumps(SchemaGenerator(openapi_base).get_schema(routes)).encode(),
                 "service": service,
                 "metrics": metrics,
-                "hash_limiter": anyio.CapacityLimiter(settings.hash_concurrency),
+                "hashing": HashingQueue(settings.hash_concurrency, settings.login_queue),
                 "metadata": server_metadata(settings),
             }
             tasks.cancel_scope.cancel()

@@ -109,10 +109,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def serve(settings: Settings, overrides: dict[str, str], args: argparse.Namespace) -> int:
     """Prepare the database and keys here, so a bad setting fails once and clearly; then run uvicorn."""
-    import uvicorn
-
     from jwtauth.app import open_service
     from jwtauth.logs import logging_config
+    from jwtauth.server import run_server
 
     host, port, workers = args.host, args.port, args.workers
     if workers < 1:
@@ -128,17 +127,8 @@ def serve(settings: Settings, overrides: dict[str, str], args: argparse.Namespac
         metrics_dir = tempfile.mkdtemp(prefix="jwtauth-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     try:
-        uvicorn.run(
-            "jwtauth.app:create_app_from_env",
-            factory=True,
-            host=host,
-            port=port,
-            workers=workers,
-            lifespan="on",
-            proxy_headers=False,  # the app reads X-Forwarded-For itself, from JWTAUTH_TRUSTED_PROXIES only
-            server_header=False,
-            log_config=logging_config(args.log_format, args.log_level.upper()),
-        )
+        log_config = logging_config(args.log_format, args.log_level.upper())
+        run_server("jwtauth.app:create_app_from_env", host, port, workers, log_config)
     finally:
         if metrics_dir:
             shutil.rmtree(metrics_dir, ignore_errors=True)
@@ -268,4 +258,12 @@ def _iso(timestamp: float) -> str:
 
 def run() -> None:
     """The console-script entry point."""
-    sys.exit(main())
+    try:
+        code = main()
+        sys.stdout.flush()  # a reader that has gone (`jwtauth users list | head -1`) shows here, not at exit
+    except BrokenPipeError:
+        # The reader has what it wanted: no traceback. Point stdout at /dev/null, so that the flush at exit
+        # fails no more (Python's documentation, signal module, "Note on SIGPIPE").
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 1
+    sys.exit(code)

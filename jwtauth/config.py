@@ -25,8 +25,8 @@ OVERRIDABLE = (
     "LEEWAY", "KEY_SIZE", "KEY_ROTATE_EVERY", "JWKS_MAX_AGE", "ARGON2_TIME_COST", "ARGON2_MEMORY_KIB",
     "ARGON2_PARALLELISM", "LOGIN_MAX_FAILURES", "LOGIN_WINDOW", "LOGIN_MAX_FAILURES_PER_ADDRESS",
     "LOGIN_MAX_FAILURES_PER_ACCOUNT", "MAX_SESSIONS_PER_USER", "TRUSTED_PROXIES", "DB_BUSY_TIMEOUT_MS",
-    "DB_POOL_SIZE", "DB_PREPARED_STATEMENTS", "HASH_CONCURRENCY", "OPEN_REGISTRATION", "PASSWORD_GRANT",
-    "CORS_ORIGINS",
+    "DB_POOL_SIZE", "DB_PREPARED_STATEMENTS", "HASH_CONCURRENCY", "LOGIN_QUEUE", "OPEN_REGISTRATION",
+    "PASSWORD_GRANT", "CORS_ORIGINS",
 )  # fmt: skip
 _MAX_NUMBER = 1_000_000_000  # no setting needs more; far below what overflows SQLite or a timestamp
 CLIENT_ID = "jwtauth"  # the first-party client every token is issued to (RFC 9068 §2.2 client_id)
@@ -95,6 +95,7 @@ class Settings:
     db_pool_size: int = 4  # PostgreSQL connections per process
     db_prepared_statements: bool = True  # off behind PgBouncer in transaction mode (before PgBouncer 1.21)
     hash_concurrency: int = field(default_factory=lambda: len(os.sched_getaffinity(0)))  # Argon2 at once
+    login_queue: int = 64  # logins (and registrations) waiting for a hashing slot; more get 503 at once
     open_registration: bool = False
     password_grant: bool = False
     cors_origins: tuple[str, ...] = ()  # besides the issuer's own origin; each as normalise_origin returns it
@@ -157,6 +158,7 @@ class Settings:
             db_pool_size=reader.number("DB_POOL_SIZE", defaults.db_pool_size, minimum=1),
             db_prepared_statements=reader.flag("DB_PREPARED_STATEMENTS", defaults.db_prepared_statements),
             hash_concurrency=reader.number("HASH_CONCURRENCY", defaults.hash_concurrency, minimum=1),
+            login_queue=reader.number("LOGIN_QUEUE", defaults.login_queue),
             open_registration=reader.flag("OPEN_REGISTRATION", defaults.open_registration),
             password_grant=reader.flag("PASSWORD_GRANT", defaults.password_grant),
             cors_origins=reader.origins("CORS_ORIGINS"),

@@ -31,6 +31,7 @@ log = logging.getLogger("jwtauth")
 MAX_BODY_BYTES = 16_384
 MAX_PARAM_LENGTH = 4096  # a text field other than email, password and name (tokens, grant types)
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}  # RFC 6749 §5.1
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 _BEARER = re.compile(r"Bearer +([A-Za-z0-9\-._~+/]+=*)", re.IGNORECASE)  # RFC 6750 §2.1 b64token
 
 
@@ -53,7 +54,8 @@ async def read_params(request: Request) -> Mapping[str, object]:
     """Return the fields of a JSON object or form-encoded body; an empty body, of any type, gives none.
 
     Raises:
-        InvalidRequestError: malformed JSON, not an object, or a repeated form field (RFC 6749 §3.2).
+        InvalidRequestError: malformed JSON, JSON not in UTF-8, not an object, or a repeated form field
+            (RFC 6749 §3.2).
         UnsupportedMediaTypeError: a body of another content type.
         BodyTooLargeError: the body is over 16 KiB.
     """
@@ -66,7 +68,7 @@ async def read_params(request: Request) -> Mapping[str, object]:
         return {}
     if content_type == "application/json":
         try:
-            params = json.loads(body)
+            params = json.loads(_utf8_text(body))
         except (ValueError, RecursionError):
             raise InvalidRequestError("malformed JSON body") from None
         if not isinstance(params, dict):
@@ -78,6 +80,24 @@ async def read_params(request: Request) -> Mapping[str, object]:
             raise InvalidRequestError("a parameter was sent more than once")
         return dict(form)
     raise UnsupportedMediaTypeError("send application/json or application/x-www-form-urlencoded")
+
+
+def _utf8_text(body: bytes) -> str:
+    """The text of a JSON body, which must be UTF-8 (RFC 8259 §8.1; a leading byte order mark may be ignored).
+
+    json.loads would also read UTF-16 and UTF-32, which a filter in front of us that reads UTF-8 does not see
+    through. Their bytes are not UTF-8, or they hold NULs, which JSON text in UTF-8 cannot hold raw.
+
+    Raises:
+        InvalidRequestError: the body is in another encoding.
+    """
+    try:
+        text = body.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        text = None
+    if text is None or "\x00" in text:
+        raise InvalidRequestError("the JSON body must be UTF-8 (RFC 8259 §8.1)")
+    return text
 
 
 def text_param(
@@ -239,29 +259,36 @@ def etag_matches(if_none_match: str | None, etag: str) -> bool:
 
 def client_address(request: Request, trusted_proxies: tuple[IPNetwork, ...]) -> str:
     """The client's address: the peer's, or, when the peer is a trusted proxy, the nearest address in
-    X-Forwarded-For that is not a trusted proxy (the ones to its left could be made up by the client).
-    Addresses are canonical (no port, one spelling of IPv6), so one client counts as one."""
+    X-Forwarded-For that is not a trusted proxy (the ones to its left could be made up by the client). A hop
+    that is not an IP address is not believed (a proxy may pass on what its client wrote) and is skipped.
+    Addresses are canonical (no port, no zone, one spelling of IPv6, an IPv4-mapped IPv6 address as IPv4), so
+    one client counts as one and no made-up text reaches a log line."""
     peer = request.client.host if request.client else ""
-    if not _is_trusted(peer, trusted_proxies):
-        return _canonical(peer)
-    hops = [_canonical(hop) for header in request.headers.getlist("x-forwarded-for") for hop in header.split(",")]
-    return next((hop for hop in reversed(hops) if hop and not _is_trusted(hop, trusted_proxies)), _canonical(peer))
+    peer_ip = _ip_address(peer)
+    if peer_ip is None:
+        return peer  # from the socket, not the client: a test client, a Unix socket, a link-local peer's zone
+    if not _is_trusted(peer_ip, trusted_proxies):
+        return str(peer_ip)
+    hops = [_ip_address(hop) for header in request.headers.getlist("x-forwarded-for") for hop in header.split(",")]
+    untrusted = (hop for hop in reversed(hops) if hop is not None and not _is_trusted(hop, trusted_proxies))
+    return str(next(untrusted, peer_ip))
 
 
-def _canonical(address: str) -> str:
-    """`203.0.113.7:5000` → `203.0.113.7`, `[2001:DB8::1]:80` → `2001:db8::1`; anything else as it is."""
-    text = address.strip()
+def _ip_address(text: str) -> IPAddress | None:
+    """`203.0.113.7:5000` → 203.0.113.7, `[2001:DB8::1]:80` → 2001:db8::1, `::ffff:192.0.2.1` → 192.0.2.1;
+    None for anything else, such as an address with a zone (`fe80::1%eth0`: ipaddress takes any text as a zone,
+    new lines too, and a zone means nothing beyond the host that wrote it)."""
+    text = text.strip()
     host = text.rpartition(":")[0] if text.count(":") == 1 else text  # IPv4 with a port
     host = host.removeprefix("[").partition("]")[0] if host.startswith("[") else host
     try:
-        return str(ipaddress.ip_address(host))
+        ip = ipaddress.ip_address(host)
     except ValueError:
-        return text
+        return None
+    if isinstance(ip, ipaddress.IPv6Address):
+        return None if ip.scope_id is not None else ip.ipv4_mapped or ip
+    return ip
 
 
-def _is_trusted(address: str, trusted_proxies: tuple[IPNetwork, ...]) -> bool:
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return False
+def _is_trusted(ip: IPAddress, trusted_proxies: tuple[IPNetwork, ...]) -> bool:
     return any(ip in network for network in trusted_proxies)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
+import resource
 import shutil
 import sqlite3
 import subprocess
@@ -298,18 +300,22 @@ class Server:
     log: IO[bytes]  # its stderr, in a file: a pipe nobody reads would fill and block the server
 
 
-def start_server(env: Mapping[str, str], *args: str, own_issuer: bool = False) -> Server:
+def start_server(env: Mapping[str, str], *args: str, own_issuer: bool = False, open_files: int | None = None) -> Server:
     """Start `jwtauth serve` on a free port and wait until /healthz answers 200. With own_issuer,
-    JWTAUTH_ISSUER is its own URL, for clients that follow the metadata's endpoints."""
+    JWTAUTH_ISSUER is its own URL, for clients that follow the metadata's endpoints; with open_files, the
+    server runs under that limit on open files (`ulimit -n`)."""
     port = free_port()
     env = {**env, "JWTAUTH_ISSUER": f"http://127.0.0.1:{port}"} if own_issuer else env
     clean = {key: value for key, value in os.environ.items() if not key.startswith("JWTAUTH_")}
     log = tempfile.TemporaryFile()  # noqa: SIM115 - stop_server closes it
+    files = open_files or resource.RLIM_INFINITY
+    limit = functools.partial(resource.setrlimit, resource.RLIMIT_NOFILE, (files, files))  # run in the child
     process = subprocess.Popen(
         [sys.executable, "-m", "jwtauth", "serve", "--port", str(port), *args],
         env={**clean, **env},
         stdout=subprocess.DEVNULL,
         stderr=log,
+        preexec_fn=limit if open_files else None,
     )
     server = Server(f"http://127.0.0.1:{port}", process, dict(env), log)
     deadline = time.monotonic() + 30
@@ -359,3 +365,8 @@ def clock() -> Clock:
 
 def bearer(token: object) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
+
+
+def full_width(text: str) -> str:
+    """The look-alike of ASCII text in full-width forms (U+FF01 to U+FF5E), which NFKC maps back."""
+    return "".join(chr(ord(character) + 0xFEE0) if "!" <= character <= "~" else character for character in text)

@@ -17,7 +17,18 @@ from starlette.testclient import TestClient
 from jwtauth.app import create_app
 from jwtauth.config import Settings
 
-from .conftest import PASSWORD, Account, Clock, add_user, bearer, disable_user, login, query, table_counts
+from .conftest import (
+    PASSWORD,
+    Account,
+    Clock,
+    add_user,
+    bearer,
+    disable_user,
+    full_width,
+    login,
+    query,
+    table_counts,
+)
 
 TOKEN_FIELDS = {"access_token", "token_type", "expires_in", "refresh_token", "refresh_expires_in"}
 
@@ -184,6 +195,22 @@ def test_other_content_type_is_refused_with_415(client: TestClient, alice: Accou
 
 def test_email_is_case_insensitive_at_login(client: TestClient, alice: Account) -> None:
     login(client, "  ALICE@Example.COM ")
+
+
+@pytest.mark.parametrize(
+    "spelling",
+    ["jose\u0301@example.com", full_width("jos") + "é" + full_width("@example.com"), "JOSÉ@Example.COM"],
+    ids=["nfd", "full-width", "upper-case"],
+)
+def test_every_spelling_of_an_address_logs_in_to_its_one_account(
+    client: TestClient, settings: Settings, spelling: str
+) -> None:
+    josé = add_user(settings, "José@example.com")  # stored NFC, case folded
+
+    pair = login(client, spelling)
+
+    _, claims = decode_unverified(str(pair["access_token"]))
+    assert (claims["sub"], claims["email"]) == (josé.id, "josé@example.com")
 
 
 def test_disabled_user_gets_invalid_grant(client: TestClient, alice: Account, settings: Settings) -> None:
@@ -449,3 +476,27 @@ def test_rehash_on_login_when_argon2_parameters_change(env: dict[str, str], tmp_
         login(client, account.email)
         assert ",t=2," in stored_hash()
         login(client, account.email)  # the new hash verifies
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le", "utf-32-be"])
+def test_json_not_in_utf8_is_an_invalid_request(
+    client: TestClient, alice: Account, settings: Settings, encoding: str
+) -> None:
+    """RFC 8259 §8.1: a filter that reads UTF-8 would not see through UTF-16 or UTF-32 (with or without BOM)."""
+    raw = json.dumps({"email": alice.email, "password": alice.password}).encode(encoding)
+    before = table_counts(settings.database)
+
+    response = client.post("/login", content=raw, headers={"content-type": "application/json"})
+
+    assert_error(response, 400, "invalid_request")
+    assert "UTF-8" in response.json()["error_description"]
+    assert table_counts(settings.database) == before
+
+
+def test_json_in_utf8_with_a_byte_order_mark_is_read(client: TestClient, alice: Account) -> None:
+    """RFC 8259 §8.1 lets a parser ignore a UTF-8 byte order mark; we do."""
+    raw = json.dumps({"email": alice.email, "password": alice.password}).encode("utf-8-sig")
+
+    response = client.post("/login", content=raw, headers={"content-type": "application/json"})
+
+    assert response.status_code == 200

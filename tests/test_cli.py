@@ -18,7 +18,7 @@ from starlette.testclient import TestClient
 from jwtauth.app import create_app
 from jwtauth.config import Settings
 
-from .conftest import PASSWORD, login, run_cli, table_counts
+from .conftest import PASSWORD, add_user, full_width, login, run_cli, table_counts
 from .services import free_port
 
 
@@ -93,13 +93,29 @@ def test_duplicate_email_fails_and_writes_nothing(env: dict[str, str], duplicate
     assert can_log_in(env, "carol@example.com", PASSWORD)
 
 
-@pytest.mark.parametrize("address", ["carol", "carol@", "@example.com", "carol@example", "ca rol@example.com", ""])
+@pytest.mark.parametrize(
+    "address",
+    ["carol", "carol@", "@example.com", "carol@example", "ca rol@example.com", "", '"carol"@example.com',
+     "<carol@example.com>", "carol@example.com(comment)", "carol@corp.local"],
+)  # fmt: skip
 def test_bad_address_fails_and_writes_nothing(env: dict[str, str], address: str) -> None:
     add(env, "seed@example.com")
     before = table_counts(env["JWTAUTH_DATABASE"])
 
     assert_fails_cleanly(add(env, address), "email")
     assert table_counts(env["JWTAUTH_DATABASE"]) == before
+
+
+@pytest.mark.parametrize("spelling", ["jose\u0301@example.com", full_width("JOS") + "É@example.com"])
+def test_a_look_alike_of_an_existing_address_is_that_user(env: dict[str, str], spelling: str) -> None:
+    """Issue 15: `users disable` disabled one of two identical-looking users; now they cannot both exist."""
+    add(env, "josé@example.com")
+    before = table_counts(env["JWTAUTH_DATABASE"])
+
+    assert_fails_cleanly(add(env, spelling, "another password"), "exists")
+    assert table_counts(env["JWTAUTH_DATABASE"]) == before
+    assert run_cli("users", "disable", spelling, env=env).returncode == 0
+    assert run_cli("users", "list", env=env).stdout.split("\t")[:3] == ["josé@example.com", "", "disabled"]
 
 
 @pytest.mark.parametrize("password", ["", "1234567", "p" * 1025])
@@ -127,6 +143,28 @@ def test_passwd_with_a_short_password_changes_nothing(env: dict[str, str]) -> No
     result = run_cli("users", "passwd", "carol@example.com", "--password-stdin", env=env, stdin="short\n")
 
     assert_fails_cleanly(result, "password")
+    assert can_log_in(env, "carol@example.com", PASSWORD)
+
+
+COMMON = ["aaaaaaaa", "Lizaveta", "password1"]  # a run of one character; ranks 9,999 and 52 of zxcvbn's list
+
+
+@pytest.mark.parametrize("password", COMMON)
+def test_users_add_refuses_a_common_password(env: dict[str, str], password: str) -> None:
+    add(env, "seed@example.com")
+    before = table_counts(env["JWTAUTH_DATABASE"])
+
+    assert_fails_cleanly(add(env, "carol@example.com", password), "common")
+    assert table_counts(env["JWTAUTH_DATABASE"]) == before
+
+
+@pytest.mark.parametrize("password", COMMON)
+def test_passwd_refuses_a_common_password(env: dict[str, str], password: str) -> None:
+    add(env, "carol@example.com")
+
+    result = run_cli("users", "passwd", "carol@example.com", "--password-stdin", env=env, stdin=password + "\n")
+
+    assert_fails_cleanly(result, "common")
     assert can_log_in(env, "carol@example.com", PASSWORD)
 
 
@@ -295,3 +333,19 @@ def test_password_prompt_without_a_terminal_or_input_fails_cleanly(env: dict[str
 @pytest.mark.parametrize("port", ["0", "65536", "99999"])
 def test_serve_refuses_a_port_out_of_range(env: dict[str, str], port: str) -> None:
     assert_fails_cleanly(run_cli("serve", "--port", port, env=env), "--port")
+
+
+def test_users_list_into_a_pipe_closed_early_exits_quietly(env: dict[str, str]) -> None:
+    """`jwtauth users list | head -1` printed a BrokenPipeError traceback once head had gone."""
+    for number in range(3):
+        add_user(Settings.from_env(env), f"user{number}@example.com")
+    reader, writer = os.pipe()
+    os.close(reader)  # the reader is gone before the first line
+    clean = {key: value for key, value in os.environ.items() if not key.startswith("JWTAUTH_")}
+    try:
+        result = subprocess.run([sys.executable, "-m", "jwtauth", "users", "list"], env={**clean, **env},
+                                stdout=writer, stderr=subprocess.PIPE, timeout=60, check=False)  # fmt: skip
+    finally:
+        os.close(writer)
+
+    assert (result.returncode, result.stderr) == (1, b"")

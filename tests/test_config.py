@@ -33,6 +33,7 @@ def test_defaults_are_the_contracts() -> None:
     assert (settings.login_max_failures, settings.login_window) == (5, 900)
     assert (settings.login_max_failures_per_address, settings.login_max_failures_per_account) == (50, 100)
     assert settings.max_sessions_per_user == 100
+    assert settings.login_queue == 64
     assert not settings.open_registration and not settings.password_grant
 
 
@@ -47,7 +48,7 @@ def test_every_variable_is_read() -> None:
         "JWTAUTH_PASSWORD_GRANT": "1", "JWTAUTH_LOGIN_MAX_FAILURES_PER_ADDRESS": "7",
         "JWTAUTH_TRUSTED_PROXIES": "10.0.0.0/8, ::1", "JWTAUTH_LOGIN_MAX_FAILURES_PER_ACCOUNT": "9",
         "JWTAUTH_MAX_SESSIONS_PER_USER": "4", "JWTAUTH_DB_POOL_SIZE": "6",
-        "JWTAUTH_CORS_ORIGINS": "https://app.example.com",
+        "JWTAUTH_CORS_ORIGINS": "https://app.example.com", "JWTAUTH_LOGIN_QUEUE": "0",
     })  # fmt: skip
 
     assert settings == Settings(
@@ -57,7 +58,7 @@ def test_every_variable_is_read() -> None:
         argon2=argon2.Parameters(argon2.Type.ID, 19, 16, 32, 2, 1024, 2), login_max_failures=3, login_window=60,
         login_max_failures_per_address=7, login_max_failures_per_account=9, max_sessions_per_user=4, db_pool_size=6,
         trusted_proxies=(ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("::1")),
-        open_registration=True, password_grant=True, cors_origins=("https://app.example.com",),
+        open_registration=True, password_grant=True, cors_origins=("https://app.example.com",), login_queue=0,
     )  # fmt: skip
 
 

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx2 as httpx
+import jwt
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
@@ -25,6 +26,7 @@ from .conftest import (
     Account,
     add_user,
     bearer,
+    full_width,
     login,
     query,
     run_cli,
@@ -198,6 +200,8 @@ def test_registration_is_closed_by_default(client: TestClient, settings: Setting
         ({"email": "new@example.com", "password": "short"}, 400, "invalid_request", "at least 8"),
         ({"email": "new@example.com", "password": "Password123"}, 400, "invalid_request", "common"),
         ({"email": "new@example.com", "password": "qwertyuiop"}, 400, "invalid_request", "common"),
+        ({"email": "new@example.com", "password": "aaaaaaaa"}, 400, "invalid_request", "repeated"),
+        ({"email": "new@example.com", "password": "Lizaveta"}, 400, "invalid_request", "common"),  # rank 9,999
         ({"email": "not-an-address", "password": "a fine password"}, 400, "invalid_request", "email"),
         ({"email": "new@example.com"}, 400, "invalid_request", "password"),
         ({"email": "new@example.com", "password": "a fine password", "name": 7}, 400, "invalid_request", "name"),
@@ -279,6 +283,70 @@ def test_probing_taken_emails_is_throttled_per_address(env: dict[str, str], alic
                     for _ in range(4)]  # fmt: skip
 
     assert statuses == [409, 409, 409, 429]
+
+
+@pytest.mark.parametrize(
+    "email",
+    [
+        '"quoted"@example.com',
+        "<alice@example.com>",
+        "Alice <alice@example.com>",
+        "alice@example.com(comment)",
+        "(comment)alice@example.com",
+        "ali ce@example.com",
+        "alice@exa mple.com",
+        "alice\t@example.com",
+        "alice\u200b@example.com",  # a zero-width space
+        "alice\u202e@example.com",  # a right-to-left override
+        "alice@[192.0.2.1]",
+        "alice@example。com",  # an ideographic full stop, which NFKC keeps
+        "alice@xn--bcher-kva.example",  # bücher.example in Punycode: one spelling is stored
+    ],
+)
+def test_registration_refuses_what_is_not_a_plain_address(
+    open_client: TestClient, settings: Settings, email: str
+) -> None:
+    add_user(settings, "alice@example.com")
+    before = table_counts(settings.database)
+
+    response = open_client.post("/users", json={"email": email, "password": "a fine password"})
+
+    assert (response.status_code, response.json()["error"]) == (400, "invalid_request")
+    assert "email" in response.json()["error_description"]
+    assert table_counts(settings.database) == before
+
+
+@pytest.mark.parametrize(
+    "spelling",
+    [
+        "jose\u0301@example.com",  # NFD: e and a combining acute accent
+        full_width("jos") + "é" + full_width("@example.com"),
+        "JOSÉ@EXAMPLE.COM",
+        " José@Example.com\u3000",  # an ideographic space around it
+    ],
+)
+def test_registering_another_spelling_of_a_taken_address_is_409(
+    open_client: TestClient, settings: Settings, spelling: str
+) -> None:
+    """Look-alike accounts: every spelling that normalises (NFKC, case folding) to a taken address is that one."""
+    add_user(settings, "josé@example.com")
+    before = table_counts(settings.database)
+
+    response = open_client.post("/users", json={"email": spelling, "password": "a fine password"})
+
+    assert (response.status_code, response.json()["error"]) == (409, "email_taken")
+    assert table_counts(settings.database) == before
+
+
+def test_registration_stores_the_normalised_address(open_client: TestClient) -> None:
+    email = full_width("STRA") + "ß" + full_width("E@B") + "ücher.Example"
+    response = open_client.post("/users", json={"email": email, "password": "a fine password"})
+
+    assert (response.status_code, response.json()["email"]) == (201, "strasse@bücher.example")
+    pair = login(open_client, "strasse@bücher.example", "a fine password")
+    assert (
+        jwt.decode(str(pair["access_token"]), options={"verify_signature": False})["email"] == "strasse@bücher.example"
+    )
 
 
 # Backup and integrity

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -95,3 +96,25 @@ def test_a_client_that_leaves_mid_body_leaves_no_traceback_in_the_log(env: dict[
         log = stop_server(server)
 
     assert "Traceback" not in log and "Exception in ASGI application" not in log
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"GARBAGE\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nA header without a colon\r\n\r\n",
+        b"POST /login HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nnot-a-chunk-size\r\n",
+    ],
+    ids=["request-line", "header", "chunk"],
+)
+def test_a_malformed_request_gets_a_json_400(server: Server, request_bytes: bytes) -> None:
+    """uvicorn's own answer was plain text; every error body is JSON (API.md "Endpoints")."""
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(request_bytes)
+        reply = read_all(sock)
+
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 ")
+    assert b"content-type: application/json" in head.lower()
+    assert json.loads(body) == {"error": "invalid_request", "error_description": "malformed HTTP request"}
