@@ -22,6 +22,7 @@ from starlette.schemas import SchemaGenerator
 
 from jwtauth import browser
 from jwtauth.config import Settings
+from jwtauth.emails import MAX_EMAIL_LENGTH
 from jwtauth.errors import (
     AccessDeniedError,
     AuthError,
@@ -36,7 +37,7 @@ from jwtauth.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from jwtauth.metrics import Metrics
 from jwtauth.openapi import BASE as openapi_base
 from jwtauth.passwords import MAX_PASSWORD_LENGTH, PasswordHasher
-from jwtauth.service import MAX_EMAIL_LENGTH, MAX_NAME_LENGTH, AuthService
+from jwtauth.service import MAX_NAME_LENGTH, AuthService
 from jwtauth.store import open_store
 from jwtauth.web import (
     Envelope,

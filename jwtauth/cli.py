@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from jwtauth.config import OVERRIDABLE, Settings
+from jwtauth.emails import normalise_email
 from jwtauth.errors import (
     AuthError,
     ConfigError,
@@ -27,7 +28,7 @@ from jwtauth.errors import (
 )
 from jwtauth.keys import KeyEntry, KeyPolicy, KeyStore
 from jwtauth.passwords import PasswordHasher
-from jwtauth.service import UserAdmin, normalise_email
+from jwtauth.service import UserAdmin
 from jwtauth.store import Store, describe_database, is_postgres_url, open_store
 
 

@@ -6,8 +6,9 @@ from typing import Any
 
 from jwtauth import __version__
 from jwtauth.browser import COOKIE
+from jwtauth.emails import MAX_EMAIL_LENGTH
 from jwtauth.passwords import MAX_PASSWORD_LENGTH
-from jwtauth.service import MAX_EMAIL_LENGTH, MAX_NAME_LENGTH
+from jwtauth.service import MAX_NAME_LENGTH
 from jwtauth.web import MAX_PARAM_LENGTH
 
 

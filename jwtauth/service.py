@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import ParamSpec, TypeVar
 
 from jwtauth.config import CLIENT_ID, Settings
+from jwtauth.emails import check_email, normalise_email
 from jwtauth.errors import (
     ConflictError,
     EmailTakenError,
@@ -42,7 +43,6 @@ log = logging.getLogger("jwtauth.audit")
 P = ParamSpec("P")
 T = TypeVar("T")
 
-MAX_EMAIL_LENGTH = 254  # RFC 5321 §4.5.3.1.3, less the angle brackets
 MAX_NAME_LENGTH = 200
 BAD_CREDENTIALS = "invalid email or password"  # one answer for unknown email, wrong password, disabled user
 
@@ -64,14 +64,6 @@ def answers_store_errors(method: Callable[P, T]) -> Callable[P, T]:
             raise TemporarilyUnavailableError("the database is unavailable; try again shortly") from exc
 
     return wrapper
-
-
-def normalise_email(email: str) -> str:
-    """Return the form in which emails are stored, compared and counted: trimmed, in Unicode NFKC form and case
-    folded, so that spellings that look alike (NFD, full-width letters, capitals, ß and ss) are one address.
-    NFKC is applied again after folding, which can leave text that is not in NFKC form."""
-    folded = unicodedata.normalize("NFKC", email).strip().casefold()
-    return unicodedata.normalize("NFKC", folded)
 
 
 @dataclass(frozen=True, slots=True)
@@ -447,36 +439,6 @@ def _address_bucket(address: str) -> str:
     except ValueError:
         return address
     return str(ipaddress.ip_network((ip, 64), strict=False)) if ip.version == 6 else address
-
-
-def check_email(email: str) -> str:
-    """Return the normalised email, once email-validator finds it a plain `local@domain`.
-
-    Raises:
-        InvalidRequestError: it is longer than 254 characters, or not a plain address: quoted, with comments,
-            angle brackets or a display name, white space or control characters, an IP address for a domain,
-            or a domain reserved for special use (such as .local or .test); or it has another spelling that
-            is more usual (an IDNA domain written in Punycode).
-    """
-    from email_validator import EmailNotValidError, validate_email  # 20 ms: imported by the verbs that add users
-
-    email = normalise_email(email)
-    if len(email) > MAX_EMAIL_LENGTH:
-        raise InvalidRequestError(f"not a valid email address: longer than {MAX_EMAIL_LENGTH} characters")
-    try:
-        address = validate_email(
-            email,
-            check_deliverability=False,
-            allow_quoted_local=False,
-            allow_domain_literal=False,
-            allow_display_name=False,
-            allow_empty_local=False,
-        )
-    except EmailNotValidError as exc:
-        raise InvalidRequestError(f"not a valid email address: {exc}") from None
-    if address.normalized != email:  # one stored spelling per address, the one login compares with
-        raise InvalidRequestError(f"not a valid email address: write it as {address.normalized}")
-    return email
 
 
 def check_name(name: str) -> str:

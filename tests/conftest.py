@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import itertools
 import json
 import os
 import resource
@@ -33,6 +34,7 @@ from jwtauth.keys import FileKeyRepository, KeyStore, StoredKeys
 from jwtauth.passwords import PasswordHasher
 from jwtauth.service import UserAdmin
 from jwtauth.store import decode_spent, is_postgres_url, open_store
+from jwtauth.store.sqlite import MIGRATIONS
 
 from .services import PostgresCluster, free_port, require_service, start_postgres, stop_postgres
 
@@ -61,7 +63,8 @@ PG_TEMPLATE = "jwtauth_template"
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
-        "markers", "sqlite_only: about SQLite's files (or the keys directory): not run on PostgreSQL"
+        "markers",
+        "sqlite_only: run on SQLite only: about SQLite's files or the keys directory, or the backend plays no part",
     )
 
 
@@ -216,6 +219,15 @@ def database_contents(database: str | Path) -> bytes:
     with contextlib.closing(sqlite3.connect(database)) as conn:
         dump = "\n".join(conn.iterdump()).encode()
     return b"".join(path.read_bytes() for path in paths if path.exists()) + dump
+
+
+def sqlite_at_schema(database: str | Path, version: int) -> sqlite3.Connection:
+    """A SQLite database made as a jwtauth of schema `version` made it (to test the upgrade from there)."""
+    conn = sqlite3.connect(database)
+    for statement in itertools.chain(*MIGRATIONS[:version]):
+        statement(conn) if callable(statement) else conn.execute(statement)
+    conn.execute(f"pragma user_version = {version}")
+    return conn
 
 
 def spent_tokens(database: str | Path) -> list[int]:

@@ -18,6 +18,8 @@ from jwtauth.config import Settings
 
 from .conftest import PASSWORD, Server, add_user, start_server, stop_server, table_counts
 
+pytestmark = pytest.mark.sqlite_only  # the HTTP server's limits: the backend plays no part
+
 
 @pytest.fixture
 def server(env: dict[str, str]) -> Iterator[Server]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import sqlite3
@@ -19,6 +20,7 @@ from starlette.testclient import TestClient
 
 from jwtauth.app import COUNT_SESSIONS_EVERY, create_app
 from jwtauth.config import Settings
+from jwtauth.passwords import PasswordHasher
 from jwtauth.store import is_postgres_url
 
 from .conftest import (
@@ -30,6 +32,7 @@ from .conftest import (
     login,
     query,
     run_cli,
+    sqlite_at_schema,
     start_server,
     stop_server,
     table_counts,
@@ -83,6 +86,7 @@ def test_metrics_count_requests_logins_and_reuse(env: dict[str, str], alice: Acc
     assert moved("jwtauth_http_request_duration_seconds_count", endpoint="/login") == 5
 
 
+@pytest.mark.sqlite_only  # counted in the background: tests/test_store.py counts on both backends
 def test_metrics_report_sessions_and_the_key_schedule(client: TestClient, alice: Account) -> None:
     login(client, alice.email)
     second = login(client, alice.email)
@@ -453,3 +457,48 @@ def test_db_check_and_backup_without_a_database_fail_cleanly(env: dict[str, str]
         result = run_cli(*args, env=env)
         assert result.returncode == 1
         assert result.stderr.strip() == f"jwtauth: no database at {env['JWTAUTH_DATABASE']}"
+
+
+# Emails stored before NFKC and case folding
+
+
+@pytest.mark.sqlite_only
+def test_the_upgrade_normalises_emails_and_leaves_look_alike_accounts_for_db_check(
+    env: dict[str, str], settings: Settings
+) -> None:
+    """Schema 5 stored emails trimmed and lower-cased only; schema 6 brings each to NFKC with case folding,
+    except accounts that become one address, which are named by `jwtauth db check` and never merged."""
+    now, password_hash = int(time.time()), PasswordHasher(settings.argon2).hash(PASSWORD)
+    with contextlib.closing(sqlite_at_schema(settings.database, 5)) as conn, conn:
+        for number, email in enumerate(("jose\u0301@example.com", "\uff42ob@example.com", "straße@example.com",
+                                        "strasse@example.com", "carol@example.com")):  # fmt: skip
+            conn.execute(
+                "insert into users (id, email, name, password_hash, is_disabled, created_at, updated_at)"
+                " values (?, ?, '', ?, 0, ?, ?)",
+                [f"u{number}", email, password_hash, now, now],
+            )
+
+    listed = run_cli("users", "list", env=env)  # any verb brings the schema up to date
+    checked = run_cli("db", "check", env=env)
+
+    assert listed.returncode == 0, listed.stderr
+    assert sorted(row[0] for row in query(settings.database, "select email from users")) == [
+        "bob@example.com", "carol@example.com", "josé@example.com", "strasse@example.com", "straße@example.com",
+    ]  # fmt: skip
+    assert checked.returncode == 1
+    assert checked.stderr.strip() == (
+        "2 accounts are one address once normalised (strasse@example.com): 'strasse@example.com', 'straße@example.com'"
+    )
+    with TestClient(create_app(settings)) as client:
+        assert login(client, "José@Example.com")["token_type"] == "Bearer"  # NFC and capitals reach the one account
+        assert login(client, "BOB@example.com")["token_type"] == "Bearer"
+
+
+def test_db_check_names_an_email_not_stored_in_its_normalised_form(env: dict[str, str], alice: Account) -> None:
+    assert run_cli("db", "check", env=env).returncode == 0
+    query(env["JWTAUTH_DATABASE"], "update users set email = ? where id = ?", ["ALICE@example.com", alice.id])
+
+    result = run_cli("db", "check", env=env)
+
+    assert result.returncode == 1
+    assert result.stderr.strip() == "email 'ALICE@example.com' is not stored as 'alice@example.com'"

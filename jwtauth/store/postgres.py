@@ -32,6 +32,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from jwtauth.config import Settings
+from jwtauth.emails import email_problems
 from jwtauth.errors import ConfigError, ConflictError, KeyStoreError, StoreError, StoreUnavailableError
 from jwtauth.keys import REFRESH_SECRET, KeyChange, KeyEntry, KeyRepository, StoredKeys
 from jwtauth.sessions import Decision, SessionState, User
@@ -238,7 +239,7 @@ class PostgresStore:
         return True
 
     def check(self) -> list[str]:
-        """The connection, the schema version, and emails that would collide after normalisation."""
+        """The connection, the schema version, and the stored emails (emails.email_problems)."""
         try:
             rows = self._read("select version from jwtauth_schema")
         except psycopg.errors.UndefinedTable:
@@ -247,7 +248,7 @@ class PostgresStore:
             return [f"cannot use database {self.description}: {_first_line(exc)}"]
         if not rows or rows[0][0] != len(MIGRATIONS):
             return [f"database {self.description} has schema {rows[0][0] if rows else 0}, not {len(MIGRATIONS)}"]
-        return []
+        return email_problems(row[0] for row in self._read("select email from users"))
 
     def backup(self, target: Path) -> None:
         """pg_dump's custom format, written 0600 (it holds the password hashes and the encrypted keys)."""

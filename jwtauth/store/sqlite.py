@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 import anyio.to_thread
 
+from jwtauth.emails import email_problems, normalised_spellings
 from jwtauth.errors import ConflictError, StoreError, StoreUnavailableError
 from jwtauth.keys import FileKeyRepository, KeyRepository
 from jwtauth.sessions import Decision, SessionState, User
@@ -27,8 +28,25 @@ from jwtauth.store import Snapshot, decode_spent, encode_spent
 
 T = TypeVar("T")
 
-# Each entry moves the schema one version up; PRAGMA user_version records how far a database has come.
-MIGRATIONS: tuple[tuple[str, ...], ...] = (
+
+def _normalise_emails(conn: sqlite3.Connection) -> None:
+    """Schema 6: every email in its normalised form (emails.normalise_email: NFKC and case folding, where it
+    used to be only lower case). Accounts that become one address are left as they were, never merged:
+    `jwtauth db check` names them, for an operator to resolve."""
+    spellings = normalised_spellings(row[0] for row in conn.execute("select email from users"))
+    conn.executemany(
+        "update users set email = ? where email = ?",
+        [
+            (normalised, stored[0])
+            for normalised, stored in spellings.items()
+            if len(stored) == 1 and stored[0] != normalised
+        ],
+    )
+
+
+# Each entry moves the schema one version up; PRAGMA user_version records how far a database has come. A step
+# is a statement, or a function of the connection for what SQL alone cannot do.
+MIGRATIONS: tuple[tuple[str | Callable[[sqlite3.Connection], None], ...], ...] = (
     (
         """create table users (
             id text primary key,
@@ -114,6 +132,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "create index sessions_by_expiry on sessions(expires_at)",
         "alter table users add column last_login_key text",  # the throttle key of the last login's address
     ),
+    (_normalise_emails,),
 )
 WRITE_RETRY_FIRST_SECONDS, WRITE_RETRY_MAX_SECONDS = 0.0001, 0.002  # between tries for another process's lock
 SWEEP_BATCH = 500  # rows deleted per transaction by the sweep, so that writers never wait long behind it
@@ -265,7 +284,7 @@ class SqliteStore:
                     raise StoreError(f"database {self.path} has schema {version}, newer than this jwtauth knows")
                 for number, statements in enumerate(MIGRATIONS[version:], start=version + 1):
                     for statement in statements:
-                        conn.execute(statement)
+                        statement(conn) if callable(statement) else conn.execute(statement)
                     conn.execute(f"pragma user_version = {number}")
         except (sqlite3.Error, OSError, StoreUnavailableError) as exc:
             self.close()
@@ -287,16 +306,17 @@ class SqliteStore:
         return True
 
     def check(self) -> list[str]:
-        """SQLite's integrity and foreign-key checks."""
+        """SQLite's integrity and foreign-key checks, and the stored emails (emails.email_problems)."""
         if not self.path.exists():
             raise StoreError(f"no database at {self.path}")
         try:
             conn = self._conn
             problems = [str(row[0]) for row in conn.execute("pragma integrity_check").fetchall() if row[0] != "ok"]
             foreign = conn.execute("pragma foreign_key_check").fetchall()
+            emails = email_problems(row[0] for row in conn.execute("select email from users"))
         except sqlite3.DatabaseError as exc:  # too damaged to check at all
             return [str(exc)]
-        return problems + [f"foreign key broken: {row[0]} row {row[1]}" for row in foreign]
+        return problems + [f"foreign key broken: {row[0]} row {row[1]}" for row in foreign] + emails
 
     def backup(self, target: Path) -> None:
         """SQLite's backup API: consistent as of one instant, written 0600."""
