@@ -195,7 +195,10 @@ def test_two_tabs_refreshing_at_once_converge_on_one_token(context: BrowserConte
 
     assert [page.evaluate("window.raced") for page in (first, second)] == [True, True]
     set_cookies = {answer.header_value("set-cookie") for answer in answers}
-    assert len(answers) == 2 and len(set_cookies) == 1, set_cookies  # one and the same next token: no fork
+    presented = {answer.request.header_value("cookie") for answer in answers}
+    # Tabs that sent the same cookie get one and the same next token: no fork. (A tab whose request left after
+    # the other's answer had replaced the shared cookie rotates that newer token instead: one line of tokens.)
+    assert len(answers) == 2 and (len(set_cookies) == 1 or len(presented) == 2), (presented, set_cookies)
     assert sid_in(first) == sid_in(second)
     for page in (first, second):
         page.click("#call-api")
