@@ -29,7 +29,6 @@ from jwtauth.verify import Fetched, InvalidTokenError, JWKSClient, Verifier, fet
 
 from .conftest import PASSWORD, Server, bearer, run_cli, stop_server
 from .issuer import issuer_env, start_issuer
-from .services import require_service
 
 NODE_DIR = Path(__file__).parent / "node"
 
@@ -117,7 +116,7 @@ def node_jose(server: Server, tokens: list[str]) -> list[dict[str, Any]]:
     """Verify tokens with Node's jose (createRemoteJWKSet + jwtVerify), in tests/node/verify.mjs."""
     node = shutil.which("node")
     if node is None:
-        require_service("node", "Node's jose cannot be tried (CI has node, so it runs there)")
+        pytest.skip("node is not installed: Node's jose cannot be tried here")
     if not (NODE_DIR / "node_modules" / "jose").is_dir():
         pytest.fail("Node's jose is not installed in tests/node: run `make test` (npm ci there), or npm ci yourself")
     result = subprocess.run(

@@ -37,7 +37,7 @@ from .conftest import (
     stop_server,
     table_counts,
 )
-from .services import PostgresCluster, start_postgres, stop_postgres
+from .services import PostgresCluster, require_service, start_postgres, stop_postgres
 
 
 @pytest.fixture
@@ -157,6 +157,28 @@ def test_a_key_change_anywhere_reaches_every_node_within_2_s(
     assert signed == {current}
 
 
+@contextmanager
+def light_load(server: Server) -> Iterator[list[int]]:
+    """Refreshes of one session, one after another, in a thread while the block runs; their statuses."""
+    statuses: list[int] = []
+    stop = threading.Event()
+
+    def loop() -> None:
+        token = login(server).json()["refresh_token"]
+        while not stop.wait(0.02):
+            response = refresh(server, token)
+            statuses.append(response.status_code)
+            token = response.json().get("refresh_token", token)
+
+    thread = threading.Thread(target=loop)
+    thread.start()
+    try:
+        yield statuses
+    finally:
+        stop.set()
+        thread.join()
+
+
 def published(server: Server) -> list[str]:
     return [key["kid"] for key in httpx.get(f"{server.url}/.well-known/jwks.json").json()["keys"]]
 
@@ -202,31 +224,34 @@ def test_a_session_locked_by_another_transaction_waits_then_goes_on(database: di
 
 def test_a_lock_held_past_the_busy_timeout_gets_503_and_no_winner(database: dict[str, str]) -> None:
     add_user(Settings.from_env(database), "alice@example.com")
-    with nodes({**database, "JWTAUTH_DB_BUSY_TIMEOUT_MS": "300"}, 1) as (server,):
+    env = {**database, "JWTAUTH_DB_BUSY_TIMEOUT_MS": "300", "JWTAUTH_REFRESH_REUSE_INTERVAL": "0"}
+    with nodes(env, 1) as (server,):
         token = login(server).json()["refresh_token"]
-        before = query(database["JWTAUTH_DATABASE"], "select generation, token_hash from sessions")
+        sessions = "select generation, token_hash, revoked_at from sessions"
+        before = query(database["JWTAUTH_DATABASE"], sessions)
         with psycopg.connect(database["JWTAUTH_DATABASE"]) as other:
             other.execute("select id from sessions for update")
             response = refresh(server, token)
             other.rollback()
+        unchanged = query(database["JWTAUTH_DATABASE"], sessions)
         after = refresh(server, token)
 
     assert (response.status_code, response.json()["error"]) == (503, "temporarily_unavailable")
     assert response.headers["retry-after"] == "1"
-    assert before == [(0, before[0][1])]  # the timed-out rotation changed nothing...
-    assert after.status_code == 200  # ...so the token still refreshes
+    assert unchanged == before  # the timed-out rotation changed nothing...
+    assert after.status_code == 200  # ...so the token still refreshes (with no reuse interval to hide a spend)
 
 
-def test_an_outage_answers_503_and_the_same_processes_resume(tmp_path: Path) -> None:
-    try:
+def test_an_outage_answers_503_and_the_same_processes_resume(postgres: PostgresCluster) -> None:
+    try:  # a cluster of its own, since it stops it
         cluster = start_postgres()
     except (FileNotFoundError, RuntimeError, OSError) as exc:
-        pytest.fail(f"a second cluster could not start: {exc}")
+        require_service("a second PostgreSQL cluster", str(exc))
     try:
         cluster.execute("create database outage")
         env = pg_env(cluster, "outage")
         add_user(Settings.from_env(env), "alice@example.com")
-        with nodes(env, 1) as (server,):
+        with nodes(env, 1) as (server,), light_load(server) as statuses:
             token = login(server).json()["refresh_token"]
             cluster.stop()
 
@@ -240,6 +265,7 @@ def test_an_outage_answers_503_and_the_same_processes_resume(tmp_path: Path) -> 
     finally:
         stop_postgres(cluster)
 
+    assert set(statuses) == {200, 503}  # the load met the outage and its end, and never a 500
     assert [(a.status_code, a.json()["error"]) for a in answers] == [(503, "temporarily_unavailable")] * 2
     assert all(a.headers["retry-after"] == "1" for a in answers)
     assert health.status_code == 503
@@ -250,14 +276,15 @@ def test_an_outage_answers_503_and_the_same_processes_resume(tmp_path: Path) -> 
 
 def test_a_dump_of_the_database_holds_no_usable_private_key(database: dict[str, str], tmp_path: Path) -> None:
     add_user(Settings.from_env(database), "alice@example.com")
-    with nodes(database, 1) as (server,):
-        login(server)
-        assert run_cli("keys", "rotate", "--force", env=database).returncode == 0
     pg_dump = shutil.which("pg_dump")
     assert pg_dump is not None
-    dump = subprocess.run(
-        [pg_dump, "--data-only", f"--dbname={database['JWTAUTH_DATABASE']}"], capture_output=True, text=True, check=True
-    ).stdout
+    with nodes(database, 1) as (server,):  # a dump of a running deployment
+        login(server)
+        assert run_cli("keys", "rotate", "--force", env=database).returncode == 0
+        dump = subprocess.run(
+            [pg_dump, "--data-only", f"--dbname={database['JWTAUTH_DATABASE']}"],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
 
     assert dump.count("BEGIN ENCRYPTED PRIVATE KEY") == 4  # three signing keys and the refresh secret
     assert "BEGIN PRIVATE KEY" not in dump and "BEGIN RSA PRIVATE KEY" not in dump

@@ -30,6 +30,7 @@ from .conftest import (
     login,
     query,
     run_cli,
+    snapshot,
     spent_tokens,
     sqlite_at_schema,
     start_server,
@@ -113,20 +114,20 @@ def test_missing_or_malformed_refresh_token_is_invalid_request(
     strict: TestClient, settings: Settings, alice: Account, token: object
 ) -> None:
     login(strict, alice.email)
-    before = table_counts(settings.database)
+    before = snapshot(settings.database)
 
     response = strict.post("/refresh", json={"refresh_token": token})
 
     assert (response.status_code, response.json()["error"]) == (400, "invalid_request")
-    assert table_counts(settings.database) == before
+    assert snapshot(settings.database) == before
 
 
 def test_unknown_refresh_token_is_invalid_grant(strict: TestClient, settings: Settings, alice: Account) -> None:
     login(strict, alice.email)
-    before = table_counts(settings.database)
+    before = snapshot(settings.database)
 
     assert_invalid_grant(refresh(strict, "not-a-token-we-issued"))
-    assert table_counts(settings.database) == before
+    assert snapshot(settings.database) == before
 
 
 def test_token_endpoint_refresh_grant_rotates(strict: TestClient, alice: Account) -> None:
@@ -170,12 +171,12 @@ def test_replay_of_a_token_spent_generations_ago_revokes_the_family(strict: Test
 def test_the_sid_gives_no_hold_on_the_refresh_tokens(strict: TestClient, settings: Settings, alice: Account) -> None:
     """The sid is in every access token, so resource servers and logs see it: naming it does nothing."""
     pair = login(strict, alice.email)
-    before = table_counts(settings.database)
+    before = snapshot(settings.database)
 
     for made_up in (sid_of(pair) + ".made-up-secret", sid_of(pair)):
         assert_invalid_grant(refresh(strict, made_up))
 
-    assert table_counts(settings.database) == before
+    assert snapshot(settings.database) == before
     assert refresh(strict, pair["refresh_token"]).status_code == 200
 
 
@@ -185,7 +186,7 @@ def test_a_made_up_secret_under_a_live_family_changes_nothing(
     """The family id sits in the token's prefix, which logs may show: naming it gives no hold on the session."""
     pair = login(strict, alice.email)
     prefix, generation, secret, mac = str(pair["refresh_token"]).split(".")
-    before = table_counts(settings.database)
+    before = snapshot(settings.database)
 
     for made_up in (
         f"{prefix}.not-the-secret",
@@ -197,20 +198,38 @@ def test_a_made_up_secret_under_a_live_family_changes_nothing(
     ):
         assert_invalid_grant(refresh(strict, made_up))
 
-    assert table_counts(settings.database) == before
+    assert snapshot(settings.database) == before
     assert refresh(strict, pair["refresh_token"]).status_code == 200
+
+
+def test_a_made_up_token_of_a_spent_generation_revokes_nothing(
+    lenient: TestClient, clock: Clock, settings: Settings, alice: Account
+) -> None:
+    """Presenting a spent token after the interval revokes the session: a made-up one, naming a spent
+    generation of a real family (as a log line shows them), must not."""
+    first = login(lenient, alice.email)
+    second = refresh(lenient, first["refresh_token"]).json()
+    clock.advance(60)
+    family, _, secret, mac = str(first["refresh_token"]).split(".")
+    before = snapshot(settings.database)
+
+    for forged in (f"{family}.0.{'A' * 43}.{mac}", f"{family}.0.{secret}.{'A' * 22}", f"{family}.0.{secret}"):
+        assert_invalid_grant(refresh(lenient, forged))
+
+    assert snapshot(settings.database) == before
+    assert refresh(lenient, second["refresh_token"]).status_code == 200
 
 
 def test_a_made_up_token_naming_no_session_changes_nothing(
     strict: TestClient, settings: Settings, alice: Account
 ) -> None:
     pair = login(strict, alice.email)
-    before = table_counts(settings.database)
+    before = snapshot(settings.database)
 
     for made_up in ("AAAAAAAAAAAAAAAAAAAAAA.secret", "too-short.secret", "no-dot-at-all"):
         assert_invalid_grant(refresh(strict, made_up))
 
-    assert table_counts(settings.database) == before
+    assert snapshot(settings.database) == before
     assert refresh(strict, pair["refresh_token"]).status_code == 200
 
 
@@ -380,12 +399,12 @@ def test_revoke_an_unknown_or_malformed_token_is_200_and_changes_nothing(
     strict: TestClient, settings: Settings, alice: Account, token: str
 ) -> None:
     pair = login(strict, alice.email)
-    before = table_counts(settings.database)
+    before = snapshot(settings.database)
 
     response = strict.post("/revoke", data={"token": token})
 
     assert (response.status_code, response.json()) == (200, {})
-    assert table_counts(settings.database) == before
+    assert snapshot(settings.database) == before
     assert refresh(strict, pair["refresh_token"]).status_code == 200
 
 
@@ -403,12 +422,12 @@ def test_revoke_without_a_token_is_invalid_request(
     strict: TestClient, settings: Settings, alice: Account, body: dict[str, object]
 ) -> None:
     login(strict, alice.email)
-    before = table_counts(settings.database)
+    before = snapshot(settings.database)
 
     response = strict.post("/revoke", json=body)
 
     assert (response.status_code, response.json()["error"]) == (400, "invalid_request")
-    assert table_counts(settings.database) == before
+    assert snapshot(settings.database) == before
 
 
 # Logout

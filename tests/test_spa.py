@@ -31,11 +31,16 @@ CHROMIUM_ARGS = [
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
 ]  # fmt: skip
 # A page on another origin that posts a login form to jwtauth as soon as it loads (login CSRF).
-if not CHROMIUM.exists():  # one skip, one line, for the whole module
-    require_service("chromium", f"no {CHROMIUM} for tests/test_spa.py; `make test` installs it when run as root")
 EVIL_PAGE = """<!doctype html><form method="post" action="{auth}/login">
 <input name="email" value="alice@example.com"><input name="password" value="{password}"></form>
 <script>document.forms[0].submit()</script>"""
+
+
+@pytest.fixture(autouse=True, scope="module")
+def chromium() -> None:
+    """Every test here needs Debian's chromium: skipped, saying why, where it is missing (failed in a strict run)."""
+    if not CHROMIUM.exists():
+        require_service("chromium", f"no {CHROMIUM} for tests/test_spa.py; `make test` installs it when run as root")
 
 
 @dataclass(frozen=True)
@@ -181,24 +186,30 @@ def test_log_in_call_the_api_and_stay_logged_in_across_a_reload(context: Browser
     assert cookie["domain"] == "127.0.0.1"  # host-only: no Domain attribute
 
 
+def is_refresh_post(answer: Response) -> bool:
+    return answer.url.endswith("/refresh") and answer.request.method == "POST"  # not a preflight
+
+
 def test_two_tabs_refreshing_at_once_converge_on_one_token(context: BrowserContext, site: Site) -> None:
     first = open_app(context, site)
     log_in(first)
     second = open_app(context, site, "Logged in as alice@example.com")  # the shared cookie logs it in
     answers: list[Response] = []
-    context.on("response", lambda response: answers.append(response) if response.url.endswith("/refresh") else None)
-    start = time.time() * 1000 + 300  # both tabs fire at this instant (ms since the epoch)
-    for page in (first, second):
-        page.evaluate(
-            "at => { window.raced = new Promise(r => setTimeout(() => refresh().then(r), at - Date.now())) }", start
-        )
+    context.on("response", lambda answer: answers.append(answer) if is_refresh_post(answer) else None)
+    for _ in range(5):  # until the two requests leave with the same cookie: a race, not one after the other
+        answers.clear()
+        start = time.time() * 1000 + 300  # both tabs fire at this instant (ms since the epoch)
+        for page in (first, second):
+            page.evaluate(
+                "at => { window.raced = new Promise(r => setTimeout(() => refresh().then(r), at - Date.now())) }", start
+            )
+        assert [page.evaluate("window.raced") for page in (first, second)] == [True, True]
+        presented = {answer.request.header_value("cookie") for answer in answers}
+        if len(answers) == 2 and len(presented) == 1:
+            break
 
-    assert [page.evaluate("window.raced") for page in (first, second)] == [True, True]
-    set_cookies = {answer.header_value("set-cookie") for answer in answers}
-    presented = {answer.request.header_value("cookie") for answer in answers}
-    # Tabs that sent the same cookie get one and the same next token: no fork. (A tab whose request left after
-    # the other's answer had replaced the shared cookie rotates that newer token instead: one line of tokens.)
-    assert len(answers) == 2 and (len(set_cookies) == 1 or len(presented) == 2), (presented, set_cookies)
+    assert len(answers) == 2 and len(presented) == 1, "the two tabs never raced"
+    assert len({answer.header_value("set-cookie") for answer in answers}) == 1  # one next token for both: no fork
     assert sid_in(first) == sid_in(second)
     for page in (first, second):
         page.click("#call-api")
