@@ -195,17 +195,13 @@ def copy_to(settings: Settings, source: Store, url: str) -> int:
     if not settings.keys_passphrase:
         raise ConfigError("JWTAUTH_KEYS_PASSPHRASE must be set: the keys are stored encrypted in PostgreSQL")
     source.migrate()
-    repository = source.key_repository()
-    stored = repository.read()
-    encrypted = any(pem.startswith(b"-----BEGIN ENCRYPTED") for pem in stored.pems.values())
-    source_keys = KeyStore(repository, settings.keys_passphrase if encrypted else None, settings.key_size,
-                           KeyStore.from_settings(settings, repository).policy)  # fmt: skip
-    snapshot = dataclasses.replace(source.export(time.time()), keys=source_keys.export(settings.keys_passphrase))
+    keys = KeyStore.from_settings(settings, source.key_repository()).export(settings.keys_passphrase)
+    snapshot = dataclasses.replace(source.export(time.time()), keys=keys)
     with contextlib.closing(open_store(dataclasses.replace(settings, database=url))) as target:
         target.migrate()
         target.import_(snapshot)
     print(f"copied {len(snapshot.users)} users, {len(snapshot.sessions)} live sessions and"
-          f" {len(stored.entries)} keys to {describe_database(url)}")  # fmt: skip
+          f" {len(keys.entries)} keys to {describe_database(url)}")  # fmt: skip
     return 0
 
 

@@ -72,7 +72,7 @@ def issuer_origin(issuer: str) -> str:
 class Settings:
     """The configuration of one server or CLI run; built by from_env, overridden with dataclasses.replace."""
 
-    database: str = "jwtauth.db"  # a SQLite file, or a postgresql:// URL
+    database: str = field(default="jwtauth.db", repr=False)  # a SQLite file, or a postgresql:// URL (a password)
     keys_dir: Path = Path("keys")
     keys_passphrase: bytes | None = field(default=None, repr=False)
     issuer: str = "http://127.0.0.1:8000"

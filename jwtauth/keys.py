@@ -301,20 +301,23 @@ class KeyStore:
             current = _in_state(entries, "current")
             if current is None:
                 raise KeyStoreError("the key set must have exactly one current key")
-            if scheduled and now < (current.rotates_at(self.policy) or now):
-                return self.load()
-            upcoming = _in_state(entries, "next")
-            if upcoming is not None and not force and now < upcoming.signs_from(self.policy):
-                raise RotationTooEarlyError(upcoming.signs_from(self.policy))
-            rotated = [_retire(entry, now) if entry.state == "current" else entry for entry in entries]
-            if upcoming is None:  # only after a hand edit of the key set: make the new key current at once
-                rotated.append(self._new_entry("current", now, activated_at=now))
-            else:
-                rotated[entries.index(upcoming)] = dataclasses.replace(upcoming, state="current", activated_at=now)
-            rotated.append(self._new_entry("next", now))
-            change.write(dataclasses.replace(stored, entries=tuple(rotated), pems=self._pems(rotated, stored.pems)))
-            log.info("keys rotated: %s signs from now on", upcoming.kid if upcoming else rotated[-2].kid)
-        return self.load()
+            if not (scheduled and now < (current.rotates_at(self.policy) or now)):  # else another has rotated
+                self._rotate(change, stored, now, force)
+        return self.load()  # once the change is over: with the database, it holds a connection of its own
+
+    def _rotate(self, change: KeyChange, stored: StoredKeys, now: int, force: bool) -> None:
+        entries = list(stored.entries)
+        upcoming = _in_state(entries, "next")
+        if upcoming is not None and not force and now < upcoming.signs_from(self.policy):
+            raise RotationTooEarlyError(upcoming.signs_from(self.policy))
+        rotated = [_retire(entry, now) if entry.state == "current" else entry for entry in entries]
+        if upcoming is None:  # only after a hand edit of the key set: make the new key current at once
+            rotated.append(self._new_entry("current", now, activated_at=now))
+        else:
+            rotated[entries.index(upcoming)] = dataclasses.replace(upcoming, state="current", activated_at=now)
+        rotated.append(self._new_entry("next", now))
+        change.write(dataclasses.replace(stored, entries=tuple(rotated), pems=self._pems(rotated, stored.pems)))
+        log.info("keys rotated: %s signs from now on", upcoming.kid if upcoming else rotated[-2].kid)
 
     def prune(self, now: int, force: bool = False) -> list[str]:
         """Delete retired keys whose tokens have all expired, and leftovers of interrupted changes; return
@@ -333,20 +336,21 @@ class KeyStore:
         return sorted(deleted)
 
     def export(self, passphrase: bytes) -> StoredKeys:
-        """The key set as the repository holds it, every key and the refresh secret encrypted with `passphrase`
-        (for `jwtauth db copy-to`: the keys of a directory move into a database).
+        """The key set, every key and the refresh secret encrypted with `passphrase`, for `jwtauth db copy-to`:
+        the keys of a directory move into a database. Keys stored without encryption (no passphrase was set)
+        are read as they are.
 
         Raises:
             KeyStoreError: the keys cannot be read or decrypted.
         """
-        keyset, stored = self.load(), self.repository.read()
-        target = KeyStore(self.repository, passphrase, self.key_size, self.policy)
+        stored = self.repository.read()
+        is_encrypted = any(stored.pems.get(entry.kid, b"").startswith(b"-----BEGIN ENCRYPTED") for entry in stored.entries)
+        reader = self if is_encrypted else KeyStore(self.repository, None, self.key_size, self.policy)
+        keyset = reader.load()
+        writer = KeyStore(self.repository, passphrase, self.key_size, self.policy)
         secret = x25519.X25519PrivateKey.from_private_bytes(keyset.refresh_tokens.secret)
-        return StoredKeys(
-            stored.entries,
-            {kid: target._serialise(key) for kid, key in keyset.private_keys.items()},
-            target._serialise(secret),
-        )
+        pems = {kid: writer._serialise(key) for kid, key in keyset.private_keys.items()}
+        return StoredKeys(stored.entries, pems, writer._serialise(secret))
 
     def _is_spent(self, entry: KeyEntry, now: int) -> bool:
         deletes_at = entry.deletes_at(self.policy)

@@ -195,7 +195,9 @@ class AuthService:
         now = self.clock()
         tokens = self.keyset.refresh_tokens
         presented = tokens.read(refresh_token)
-        decision = Decision("invalid", "not_issued")  # made up, truncated or malformed: no lookup, no lock
+        if presented is not None and presented.generation is None and self._issued_session(refresh_token) is None:
+            presented = None  # from before generations, so no MAC: a plain read, no lock, until it proves ours
+        decision = Decision("invalid", "malformed_or_forged")  # made up, truncated or malformed: no lock
         if presented is not None:
             fresh = secrets.token_bytes(FRESH_BYTES)
             decision = self.store.rotate(
@@ -218,9 +220,8 @@ class AuthService:
         Raises:
             TemporarilyUnavailableError: the database cannot answer now.
         """
-        presented = self.keyset.refresh_tokens.read(token)
-        session = self.store.find_session(presented.family) if presented else None
-        if presented is not None and session is not None and was_issued(session, presented):
+        session = self._issued_session(token)
+        if session is not None:
             session_id = session.id
         else:
             try:
@@ -261,11 +262,8 @@ class AuthService:
         """
         if scope not in ("local", "global"):
             raise InvalidRequestError("scope must be local or global")
-        presented = self.keyset.refresh_tokens.read(refresh_token)
-        session = self.store.find_session(presented.family) if presented else None
-        user = None
-        if presented is not None and session is not None and was_issued(session, presented):
-            user = self.store.find_session_user(session.id)
+        session = self._issued_session(refresh_token)
+        user = self.store.find_session_user(session.id) if session is not None else None
         if session is None or user is None:
             self._audit("logout_refused")
             raise InvalidTokenError("the refresh token names no live session")
@@ -274,6 +272,12 @@ class AuthService:
         else:
             self.store.revoke_user_sessions(user.id, self.clock())
         self._audit("logout", user=user.id, sid=session.id, scope=scope)
+
+    def _issued_session(self, refresh_token: str) -> SessionState | None:
+        """The session that issued this refresh token, live or spent; None for anything else (read only)."""
+        presented = self.keyset.refresh_tokens.read(refresh_token)
+        session = self.store.find_session(presented.family) if presented is not None else None
+        return session if presented is not None and session is not None and was_issued(session, presented) else None
 
     def maintain_keys(self) -> None:
         """Pick up a key set changed by another process, rotate on schedule, prune; once a second.

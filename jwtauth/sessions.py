@@ -10,12 +10,11 @@ import hmac
 from dataclasses import dataclass
 from typing import Literal
 
-from jwtauth.tokens import PresentedToken, RefreshTokens, hash_refresh_token
+from jwtauth.tokens import NONCE_BYTES, PresentedToken, RefreshTokens, hash_refresh_token
 
 # Spent tokens a session remembers for the reuse interval, newest first: enough for a client's concurrent
 # refreshes and lost answers, while a thief rotating fast cannot make a session keep every token it spent.
 MAX_SPENT_TOKENS = 8
-NONCE_BYTES = 12
 FRESH_BYTES = 32 + NONCE_BYTES  # a new token's secret, and the nonce that seals it
 
 
@@ -56,6 +55,7 @@ class SessionState:
     expires_at: float  # of the live token (sliding: each token lives the full refresh TTL)
     revoked_at: float | None = None
     spent: tuple[SpentToken, ...] = ()  # oldest first, consecutive generations up to generation - 1
+    legacy_hash: str | None = None  # SHA-256 of its token from before generations (generation 0), if it had one
 
     @property
     def is_revoked(self) -> bool:
@@ -118,26 +118,36 @@ def decide_rotation(
         return Decision("invalid", "disabled", state)
     if state.expires_at <= now:
         return Decision("invalid", "expired", state)
-    if presented.generation is None or presented.generation == state.generation:
-        if not hmac.compare_digest(presented.hash, state.token_hash):  # a spent token of the old format, or a bug
+    if presented.generation is None:  # from before generations: this session's generation 0, or nothing
+        if hmac.compare_digest(presented.hash, state.token_hash):
+            return _rotate(state, presented.text, now, policy, tokens, fresh)
+        if state.legacy_hash is None or not hmac.compare_digest(presented.hash, state.legacy_hash):
+            return Decision("invalid", "not_issued", state)  # has no MAC: a made-up one is refused here
+        presented = dataclasses.replace(presented, generation=0)  # spent: the rule for spent tokens below
+    elif presented.generation == state.generation:
+        if not hmac.compare_digest(presented.hash, state.token_hash):  # carries our MAC: the MAC key leaked?
             return Decision("invalid", "not_live", state)
         return _rotate(state, presented.text, now, policy, tokens, fresh)
-    if presented.generation > state.generation:  # carries our MAC yet was never issued: the MAC key leaked?
+    generation = presented.generation or 0
+    if generation > state.generation:  # carries our MAC yet was never issued: the MAC key leaked?
         return Decision("invalid", "future_generation", state)
-    spent = next((token for token in state.spent if token.generation == presented.generation), None)
+    spent = next((token for token in state.spent if token.generation == generation), None)
     if spent is None or now - spent.spent_at >= policy.reuse_interval:
         return Decision(
             "reuse_detected", "spent_before_the_interval", dataclasses.replace(state, revoked_at=now, spent=())
         )
     live = _open_chain(state, presented.text, spent.generation, tokens)
     if live is None or not hmac.compare_digest(hash_refresh_token(live), state.token_hash):
-        return Decision("invalid", "not_issued", state)  # carries our MAC, but no seal opens: the MAC key leaked?
+        return Decision("invalid", "seal_not_opened", state)  # carries our MAC, yet opens no seal: MAC key leaked?
     return Decision("replayed", "within_interval", state, live)
 
 
 def was_issued(state: SessionState, presented: PresentedToken) -> bool:
-    """Whether `presented` is a token that the session `state` issued, live or spent (for revocation)."""
-    if presented.generation is None or presented.generation == state.generation:
+    """Whether `presented` is a token that the session `state` issued, live or spent."""
+    if presented.generation is None:
+        hashes = (state.token_hash, state.legacy_hash or "")
+        return any([hmac.compare_digest(presented.hash, known) for known in hashes])  # both compared, always
+    if presented.generation == state.generation:
         return hmac.compare_digest(presented.hash, state.token_hash)
     return presented.generation < state.generation  # its MAC says it is ours
 

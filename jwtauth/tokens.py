@@ -30,6 +30,7 @@ _FAMILY_ID = re.compile(r"[A-Za-z0-9_-]{22}")  # secrets.token_urlsafe(16)
 _SECRET = re.compile(r"[A-Za-z0-9_-]{43}")  # 256 bits, base64url without padding
 _GENERATION = re.compile(r"0|[1-9][0-9]{0,17}")
 _MAC = re.compile(r"[A-Za-z0-9_-]{22}")  # 128 bits
+NONCE_BYTES = 12  # of AES-GCM, before each sealed successor
 ASCII_WHITESPACE = " \t\r\n"  # ignored around a presented refresh token (API.md)
 REQUIRED_CLAIMS = ["iss", "sub", "aud", "exp", "iat", "nbf", "jti", "client_id", "sid"]
 MIN_KEY_BITS = 2048  # RFC 7518 §3.3: RS256 keys of 2048 bits or more
@@ -235,7 +236,8 @@ class RefreshTokens:
     def open(self, parent: str, sealed: bytes) -> str | None:
         """Return the successor sealed under `parent`, or None if `parent` is not the token it was sealed for."""
         try:
-            return AESGCM(self._sealing_key(parent)).decrypt(sealed[:12], sealed[12:], None).decode()
+            key = AESGCM(self._sealing_key(parent))
+            return key.decrypt(sealed[:NONCE_BYTES], sealed[NONCE_BYTES:], None).decode()
         except (InvalidTag, ValueError):
             return None
 

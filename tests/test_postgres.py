@@ -337,6 +337,16 @@ def test_every_verb_refuses_to_run_without_the_passphrase(database: dict[str, st
     )
 
 
+def test_a_malformed_url_stops_every_verb_without_showing_the_password(database: dict[str, str]) -> None:
+    env = {**database, "JWTAUTH_DATABASE": "postgresql://alice:s3cr%zzet@127.0.0.1:1/jwtauth"}  # % not encoded
+
+    results = [run_cli(*verb, env=env) for verb in (("serve", "--port", "1"), ("users", "list"))]
+
+    assert [(result.returncode, result.stderr.strip()) for result in results] == [
+        (1, "jwtauth: JWTAUTH_DATABASE is not a valid postgresql:// URL (is the password percent-encoded?)")
+    ] * 2
+
+
 def test_a_wrong_passphrase_stops_serve_naming_the_key(database: dict[str, str]) -> None:
     assert run_cli("keys", "list", env=database).returncode == 0  # the key set is made
 

@@ -640,6 +640,41 @@ def test_the_live_token_survives_the_upgrade_from_schema_4(settings: Settings, c
         assert refresh(client, response.json()["refresh_token"]).status_code == 200
 
 
+def schema_4_session(settings: Settings, clock: Clock, family: str) -> str:
+    """A database of schema 4 with one session whose live token is of the old format; that token."""
+    token, now = f"{family}.{'l' * 43}", int(clock())
+    with contextlib.closing(sqlite_at_schema(settings.database, 4)) as conn, conn:
+        password_hash = PasswordHasher(settings.argon2).hash(PASSWORD)
+        conn.execute("insert into users values ('u1', 'old@example.com', '', ?, 0, ?, ?)", [password_hash, now, now])
+        conn.execute("insert into sessions (id, user_id, created_at, family) values ('s1', 'u1', ?, ?)", [now, family])
+        conn.execute(
+            "insert into refresh_tokens values ('s1', ?, ?, ?, null, 0)",
+            [hashlib.sha256(token.encode()).hexdigest(), now, now + 60],
+        )
+    return token
+
+
+@pytest.mark.sqlite_only
+def test_a_token_from_before_the_upgrade_converges_within_the_interval_and_revokes_after(
+    settings: Settings, clock: Clock
+) -> None:
+    """The first refresh after the upgrade is raced by two tabs like any other; a replay of the old token
+    after the interval revokes, as before the upgrade; a made-up token in the old format changes nothing."""
+    old = schema_4_session(settings, clock, "H" * 22)
+
+    with TestClient(create_app(settings, clock=clock)) as client:
+        tabs = [refresh(client, old), refresh(client, old)]
+        assert [tab.status_code for tab in tabs] == [200, 200]
+        assert tabs[0].json()["refresh_token"] == tabs[1].json()["refresh_token"]
+        assert_invalid_grant(refresh(client, f"{'H' * 22}.{'m' * 43}"))  # made up: nothing happens
+        assert refresh(client, tabs[0].json()["refresh_token"]).status_code == 200
+        clock.advance(60)
+
+        assert_invalid_grant(refresh(client, old))
+
+        assert query(settings.database, "select revoked_at is not null from sessions") == [(1,)]
+
+
 def test_expired_tokens_and_ended_sessions_are_deleted(env: dict[str, str], clock: Clock, alice: Account) -> None:
     with make_client(env, clock, refresh_ttl="60") as client:
         login(client, alice.email)

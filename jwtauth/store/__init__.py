@@ -11,7 +11,7 @@ import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from jwtauth.config import Settings
 from jwtauth.keys import KeyRepository, StoredKeys
@@ -67,7 +67,9 @@ class Store(Protocol):
 
     async def run(self, work: Callable[[], T]) -> T:
         """Run blocking `work` that uses this store for a caller on the event loop, in the way this backend
-        does it best (on the loop when that cannot block, else in a worker thread)."""
+        does it best (on the loop when that cannot block, else in a worker thread). `work` may be started
+        twice (SQLite: on the loop, then again in a thread when a lock was taken before it wrote anything), so
+        it must make at most one write, or writes that may be repeated."""
 
     # Users
 
@@ -180,6 +182,37 @@ def describe_database(database: str) -> str:
     scheme, _, rest = database.partition("://")
     location = rest.rpartition("@")[2].partition("?")[0]
     return f"{scheme}://{location}"
+
+
+# Rows as both backends select them (the same SQL): a user's columns; a session's, then its user's.
+USER_FIELDS = ("id", "email", "name", "password_hash", "is_disabled", "created_at", "updated_at", "last_login_key")
+SESSION_FIELDS = (
+    "id", "family", "created_at", "generation", "token_hash", "expires_at", "revoked_at", "spent", "legacy_hash"
+)  # fmt: skip
+USER_COLUMNS = ", ".join(f"users.{field}" for field in USER_FIELDS)
+SELECT_SESSION = (
+    f"select {', '.join(f'sessions.{field}' for field in SESSION_FIELDS)}, {USER_COLUMNS}"
+    " from sessions join users on users.id = sessions.user_id"
+)
+
+
+def user_of(row: Sequence[Any] | None) -> User | None:
+    """The user of a row of USER_COLUMNS."""
+    if row is None:
+        return None
+    id_, email, name, password_hash, is_disabled, created_at, updated_at, last_login_key = row
+    return User(id_, email, name, password_hash, bool(is_disabled), created_at, updated_at, last_login_key)
+
+
+def session_of(row: Sequence[Any] | None) -> SessionState | None:
+    """The session of a row of SELECT_SESSION."""
+    if row is None:
+        return None
+    session_id, family, created_at, generation, token_hash, expires_at, revoked_at, spent, legacy_hash = row[:9]
+    user = user_of(row[9:])
+    assert user is not None
+    return SessionState(session_id, family, user, created_at, generation, token_hash, expires_at, revoked_at,
+                        decode_spent(bytes(spent)), legacy_hash)  # fmt: skip
 
 
 # The spent tokens of a session, as both backends store them (a BLOB, a bytea): for each, its generation

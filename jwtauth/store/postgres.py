@@ -36,7 +36,16 @@ from jwtauth.emails import email_problems
 from jwtauth.errors import ConfigError, ConflictError, KeyStoreError, StoreError, StoreUnavailableError
 from jwtauth.keys import REFRESH_SECRET, KeyChange, KeyEntry, KeyRepository, StoredKeys
 from jwtauth.sessions import Decision, SessionState, User
-from jwtauth.store import Snapshot, decode_spent, describe_database, encode_spent
+from jwtauth.store import (
+    SELECT_SESSION,
+    USER_COLUMNS,
+    USER_FIELDS,
+    Snapshot,
+    describe_database,
+    encode_spent,
+    session_of,
+    user_of,
+)
 
 T = TypeVar("T")
 Row = tuple[Any, ...]
@@ -65,7 +74,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             generation bigint not null,  -- of the live token
             token_hash text not null,  -- SHA-256 of the live token, never the token itself
             expires_at double precision not null,  -- of the live token
-            spent bytea not null default ''  -- store.encode_spent: generation, spent_at, sealed successor
+            spent bytea not null default '',  -- store.encode_spent: generation, spent_at, sealed successor
+            legacy_hash text  -- SHA-256 of its token from before generations (moved here from SQLite)
         )""",
         "create index sessions_by_user on sessions(user_id, created_at)",
         "create index sessions_by_expiry on sessions(expires_at)",
@@ -94,13 +104,14 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
 )
 SWEEP_BATCH = 500  # sessions deleted per transaction
-CONNECT_TIMEOUT = 5  # seconds, unless the URL says otherwise
+TCP_DEFAULTS: dict[str, str | int] = {  # unless the URL says otherwise
+    "connect_timeout": 5, "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3,
+    "tcp_user_timeout": 15_000, "application_name": "jwtauth",
+}  # fmt: skip
+IDLE_IN_TRANSACTION_MS = 30_000  # a transaction left open by a node that stopped mid-way ends, and its locks
 CONNECTION_WAIT_SECONDS = 2.0  # how long a request waits for a pooled connection (all busy, or being made)
 FAIL_FAST_SECONDS = 0.2  # how long it waits while the database is known to be down
 
-_USER_COLUMNS = "users.id, email, name, password_hash, is_disabled, users.created_at, updated_at, last_login_key"
-_SESSION_COLUMNS = "sessions.id, family, sessions.created_at, generation, token_hash, expires_at, revoked_at, spent"
-_SELECT_SESSION = f"select {_SESSION_COLUMNS}, {_USER_COLUMNS} from sessions join users on users.id = sessions.user_id"
 _KEY_COLUMNS = "kid, state, size, created_at, activated_at, retired_at"
 
 
@@ -128,6 +139,10 @@ class PostgresStore:
             reconnect_failed=self._mark_down,
             name="jwtauth",
         )
+        self._begin = (  # lock_timeout 0 would wait for ever: a busy timeout of 0 means as short as can be
+            f"begin; set local lock_timeout = {max(1, int(self.busy_timeout * 1000))};"
+            f" set local idle_in_transaction_session_timeout = {IDLE_IN_TRANSACTION_MS}"
+        )
         self._opened = False
         self._open_lock = threading.Lock()
         self._is_down = False  # the pool could not connect: requests do not wait long until one gets through
@@ -141,6 +156,8 @@ class PostgresStore:
         Raises:
             StoreUnavailableError: the database cannot be reached.
         """
+        if self._opened:
+            return
         with self._open_lock:
             if not self._opened:
                 try:
@@ -164,7 +181,9 @@ class PostgresStore:
                 yield conn
         except PoolTimeout as exc:
             raise StoreUnavailableError(f"{self.description}: {exc}") from exc
-        except psycopg.OperationalError as exc:  # the connection broke, a lock timed out, the server stops
+        except psycopg.Error as exc:
+            if not _is_transient(exc):
+                raise
             raise StoreUnavailableError(f"{self.description}: {_first_line(exc)}") from exc
         self._is_down = False
 
@@ -173,17 +192,16 @@ class PostgresStore:
         self._is_down = True
 
     @contextmanager
-    def _transaction(self, lock_timeout: float | None = None) -> Iterator[Cursor[Row]]:
-        """One transaction, its statements through one cursor. BEGIN and SET LOCAL go to the server as one
-        simple query: a round trip and a statement fewer than psycopg's Connection.transaction() followed by
-        the SET, on every rotation. On an error the transaction is rolled back before the connection serves
-        again."""
+    def _transaction(self) -> Iterator[Cursor[Row]]:
+        """One transaction, its statements through one cursor. A wait for a lock (a row, an advisory lock)
+        longer than the busy timeout ends it with StoreUnavailableError. BEGIN and the SET LOCALs go to the
+        server as one simple query: a round trip and a statement fewer than psycopg's Connection.transaction()
+        followed by the SETs, on every rotation. SET LOCAL, not a session-wide setting, since PgBouncer in
+        transaction mode keeps it to this transaction. On an error the transaction is rolled back before the
+        connection serves again."""
         with self._connection() as conn:
             cursor = conn.cursor()
-            if lock_timeout is None:
-                cursor.execute("begin")
-            else:  # lock_timeout, not a session-wide setting: PgBouncer in transaction mode keeps it to us
-                cursor.execute(f"begin; set local lock_timeout = {int(lock_timeout * 1000)}")
+            cursor.execute(self._begin)
             try:
                 yield cursor
             except BaseException:
@@ -293,31 +311,33 @@ class PostgresStore:
         return user
 
     def find_user_by_email(self, email: str) -> User | None:
-        return _user(_first(self._read(f"select {_USER_COLUMNS} from users where email = %s", [email])))
+        return user_of(_first(self._read(f"select {USER_COLUMNS} from users where email = %s", [email])))
 
     def find_user(self, user_id: str) -> User | None:
-        return _user(_first(self._read(f"select {_USER_COLUMNS} from users where id = %s", [user_id])))
+        return user_of(_first(self._read(f"select {USER_COLUMNS} from users where id = %s", [user_id])))
 
     def list_users(self) -> list[User]:
-        rows = self._read(f"select {_USER_COLUMNS} from users order by created_at, email")
-        return [user for user in map(_user, rows) if user is not None]
+        rows = self._read(f"select {USER_COLUMNS} from users order by created_at, email")
+        return [user for user in map(user_of, rows) if user is not None]
 
     def set_password_hash(self, user_id: str, password_hash: str, now: int) -> None:
-        with self._connection() as conn:
-            conn.execute(
+        with self._transaction() as cursor:  # a transaction for its lock timeout
+            cursor.execute(
                 "update users set password_hash = %s, updated_at = %s where id = %s", [password_hash, now, user_id]
             )
 
     def set_user_disabled(self, user_id: str, is_disabled: bool, now: int) -> None:
-        with self._connection() as conn:
-            conn.execute(
+        with self._transaction() as cursor:
+            cursor.execute(
                 "update users set is_disabled = %s, updated_at = %s where id = %s", [is_disabled, now, user_id]
             )
 
     # Sessions
 
     def start_session(self, session: SessionState, max_sessions: int, address_key: str) -> int:
+        """The user's row is locked first: concurrent logins of one user count each other's sessions."""
         with self._transaction() as cursor:
+            cursor.execute("select 1 from users where id = %s for update", [session.user.id])
             _insert_session(cursor, session)
             cursor.execute("update users set last_login_key = %s where id = %s", [address_key, session.user.id])
             capped = cursor.execute(
@@ -330,9 +350,9 @@ class PostgresStore:
 
     def rotate(self, family: str, decide: Callable[[SessionState | None], Decision]) -> Decision:
         """The session's row is locked until the decision is saved: concurrent rotations wait their turn."""
-        with self._transaction(lock_timeout=self.busy_timeout) as cursor:
-            row = cursor.execute(f"{_SELECT_SESSION} where family = %s for update of sessions", [family]).fetchone()
-            decision = decide(_session(row))
+        with self._transaction() as cursor:
+            row = cursor.execute(f"{SELECT_SESSION} where family = %s for update of sessions", [family]).fetchone()
+            decision = decide(session_of(row))
             state = decision.state
             if decision.outcome == "rotated" and state is not None:
                 cursor.execute(
@@ -346,7 +366,7 @@ class PostgresStore:
             return decision
 
     def find_session(self, family: str) -> SessionState | None:
-        return _session(_first(self._read(f"{_SELECT_SESSION} where family = %s", [family])))
+        return session_of(_first(self._read(f"{SELECT_SESSION} where family = %s", [family])))
 
     def revoke_session(self, session_id: str, now: float) -> int:
         return self._revoke("id = %s", [session_id], now)
@@ -358,15 +378,15 @@ class PostgresStore:
         return self._revoke("true", [], now)
 
     def _revoke(self, where: str, parameters: list[object], now: float) -> int:
-        with self._connection() as conn:
-            return conn.execute(
+        with self._transaction() as cursor:
+            return cursor.execute(
                 f"update sessions set revoked_at = %s, spent = '' where revoked_at is null and {where}",
                 [now, *parameters],
             ).rowcount
 
     def find_session_user(self, session_id: str) -> User | None:
-        return _user(_first(self._read(
-            f"select {_USER_COLUMNS} from sessions join users on users.id = sessions.user_id"
+        return user_of(_first(self._read(
+            f"select {USER_COLUMNS} from sessions join users on users.id = sessions.user_id"
             " where sessions.id = %s and sessions.revoked_at is null and not users.is_disabled",
             [session_id],
         )))  # fmt: skip
@@ -434,9 +454,9 @@ class PostgresStore:
     def export(self, now: float) -> Snapshot:
         users = self.list_users()
         rows = self._read(
-            f"{_SELECT_SESSION} where revoked_at is null and expires_at > %s order by sessions.created_at", [now]
+            f"{SELECT_SESSION} where revoked_at is null and expires_at > %s order by sessions.created_at", [now]
         )
-        return Snapshot(users, [session for session in map(_session, rows) if session is not None])
+        return Snapshot(users, [session for session in map(session_of, rows) if session is not None])
 
     def import_(self, snapshot: Snapshot) -> None:
         with self._transaction() as cursor:
@@ -448,7 +468,7 @@ class PostgresStore:
             if row is not None and row[0]:
                 raise StoreError(f"database {self.description} already holds jwtauth data; nothing was copied")
             cursor.executemany(
-                f"insert into users ({_USER_COLUMNS.replace('users.', '')}) values (%s, %s, %s, %s, %s, %s, %s, %s)",
+                f"insert into users ({', '.join(USER_FIELDS)}) values (%s, %s, %s, %s, %s, %s, %s, %s)",
                 [(u.id, u.email, u.name, u.password_hash, u.is_disabled, u.created_at, u.updated_at, u.last_login_key)
                  for u in snapshot.users],
             )  # fmt: skip
@@ -540,29 +560,11 @@ def _read_keys(cursor: Cursor[Row]) -> StoredKeys | None:
 
 def _insert_session(cursor: Cursor[Row], session: SessionState) -> None:
     cursor.execute(
-        "insert into sessions (id, family, user_id, created_at, generation, token_hash, expires_at, spent)"
-        " values (%s, %s, %s, %s, %s, %s, %s, %s)",
+        "insert into sessions (id, family, user_id, created_at, generation, token_hash, expires_at, spent,"
+        " legacy_hash) values (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
         [session.id, session.family, session.user.id, session.created_at, session.generation, session.token_hash,
-         session.expires_at, encode_spent(session.spent)],
+         session.expires_at, encode_spent(session.spent), session.legacy_hash],
     )  # fmt: skip
-
-
-def _user(row: Row | None) -> User | None:
-    if row is None:
-        return None
-    id_, email, name, password_hash, is_disabled, created_at, updated_at, last_login_key = row
-    return User(id_, email, name, password_hash, is_disabled, created_at, updated_at, last_login_key)
-
-
-def _session(row: Row | None) -> SessionState | None:
-    if row is None:
-        return None
-    session_id, family, created_at, generation, token_hash, expires_at, revoked_at, spent = row[:8]
-    user = _user(row[8:])
-    assert user is not None
-    return SessionState(
-        session_id, family, user, created_at, generation, token_hash, expires_at, revoked_at, decode_spent(spent)
-    )
 
 
 def _first(rows: list[Row]) -> Row | None:
@@ -580,11 +582,32 @@ def _check_alive(conn: Connection[Row]) -> None:
 
 
 def _conninfo(url: str) -> str:
-    """The URL as a libpq connection string, with a connect timeout unless it names one."""
-    params = conninfo_to_dict(url)
-    params.setdefault("connect_timeout", CONNECT_TIMEOUT)
-    params.setdefault("application_name", "jwtauth")
+    """The URL as a libpq connection string, with what the URL does not say: a connect timeout, and TCP
+    keepalives and a user timeout, so that a connection to a server that vanished without a word (a failover,
+    a frozen machine) fails in seconds rather than in the two hours of the system's TCP defaults.
+
+    Raises:
+        ConfigError: it is not a URL libpq understands (its own message is left out: it may quote the password).
+    """
+    try:
+        params = conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        raise ConfigError(
+            "JWTAUTH_DATABASE is not a valid postgresql:// URL (is the password percent-encoded?)"
+        ) from None
+    for name, value in TCP_DEFAULTS.items():
+        params.setdefault(name, value)
     return make_conninfo("", **params)
+
+
+TRANSIENT_SQLSTATE_CLASSES = ("08", "40", "53", "55", "57")  # connection, rollback, resources, locks, operator
+
+
+def _is_transient(exc: psycopg.Error) -> bool:
+    """Whether the database cannot answer now rather than refuse for good: a broken connection, a lock or
+    statement timed out, a deadlock, an admin shutdown, a read-only standby after a failover (25006)."""
+    state = exc.sqlstate or ""
+    return isinstance(exc, psycopg.OperationalError) or state[:2] in TRANSIENT_SQLSTATE_CLASSES or state == "25006"
 
 
 def _first_line(exc: BaseException) -> str:

@@ -24,7 +24,7 @@ from jwtauth.emails import email_problems, normalised_spellings
 from jwtauth.errors import ConflictError, StoreError, StoreUnavailableError
 from jwtauth.keys import FileKeyRepository, KeyRepository
 from jwtauth.sessions import Decision, SessionState, User
-from jwtauth.store import Snapshot, decode_spent, encode_spent
+from jwtauth.store import SELECT_SESSION, USER_COLUMNS, USER_FIELDS, Snapshot, encode_spent, session_of, user_of
 
 T = TypeVar("T")
 
@@ -118,10 +118,12 @@ MIGRATIONS: tuple[tuple[str | Callable[[sqlite3.Connection], None], ...], ...] =
             generation integer not null,  -- of the live token
             token_hash text not null,  -- SHA-256 of the live token, never the token itself
             expires_at real not null,  -- of the live token
-            spent blob not null default x''  -- store.encode_spent: generation, spent_at, sealed successor
+            spent blob not null default x'',  -- store.encode_spent: generation, spent_at, sealed successor
+            legacy_hash text  -- SHA-256 of its token from schema 4 (no generation): its reuse is still recognised
         )""",
-        """insert into sessions_v5 (id, family, user_id, created_at, revoked_at, generation, token_hash, expires_at)
-            select sessions.id, family, user_id, created_at, revoked_at, 0, token_hash, expires_at
+        """insert into sessions_v5
+            (id, family, user_id, created_at, revoked_at, generation, token_hash, expires_at, legacy_hash)
+            select sessions.id, family, user_id, created_at, revoked_at, 0, token_hash, expires_at, token_hash
             from sessions join refresh_tokens on refresh_tokens.session_id = sessions.id
             where token_hash = (select token_hash from refresh_tokens as newest where newest.session_id = sessions.id
                 and newest.used_at is null order by newest.generation desc, newest.issued_at desc limit 1)""",
@@ -136,13 +138,6 @@ MIGRATIONS: tuple[tuple[str | Callable[[sqlite3.Connection], None], ...], ...] =
 )
 WRITE_RETRY_FIRST_SECONDS, WRITE_RETRY_MAX_SECONDS = 0.0001, 0.002  # between tries for another process's lock
 SWEEP_BATCH = 500  # rows deleted per transaction by the sweep, so that writers never wait long behind it
-
-_USER_COLUMNS = "id, email, name, password_hash, is_disabled, created_at, updated_at, last_login_key"
-_USER_COLUMNS_OF_USERS = ", ".join(f"users.{column}" for column in _USER_COLUMNS.split(", "))
-_SESSION_COLUMNS = ", ".join(
-    f"sessions.{column}"
-    for column in ("id", "family", "created_at", "generation", "token_hash", "expires_at", "revoked_at", "spent")
-)
 
 
 class _WouldBlock(Exception):  # an internal signal: never leaves this module
@@ -358,14 +353,14 @@ class SqliteStore:
         return user
 
     def find_user_by_email(self, email: str) -> User | None:
-        return _user(_first(self._read(f"select {_USER_COLUMNS} from users where email = ?", [email])))
+        return user_of(_first(self._read(f"select {USER_COLUMNS} from users where email = ?", [email])))
 
     def find_user(self, user_id: str) -> User | None:
-        return _user(_first(self._read(f"select {_USER_COLUMNS} from users where id = ?", [user_id])))
+        return user_of(_first(self._read(f"select {USER_COLUMNS} from users where id = ?", [user_id])))
 
     def list_users(self) -> list[User]:
-        rows = self._read(f"select {_USER_COLUMNS} from users order by created_at, email")
-        return [user for user in map(_user, rows) if user is not None]
+        rows = self._read(f"select {USER_COLUMNS} from users order by created_at, email")
+        return [user for user in map(user_of, rows) if user is not None]
 
     def set_password_hash(self, user_id: str, password_hash: str, now: int) -> None:
         with self._write() as conn:
@@ -395,7 +390,7 @@ class SqliteStore:
         """BEGIN IMMEDIATE takes the write lock before the session is read: concurrent rotations of one
         session, from any thread or process, are decided one after another."""
         with self._write() as conn:
-            decision = decide(_session(conn.execute(_SELECT_SESSION + " where family = ?", [family]).fetchone()))
+            decision = decide(session_of(conn.execute(SELECT_SESSION + " where family = ?", [family]).fetchone()))
             state = decision.state
             if decision.outcome == "rotated" and state is not None:
                 conn.execute(
@@ -409,7 +404,7 @@ class SqliteStore:
             return decision
 
     def find_session(self, family: str) -> SessionState | None:
-        return _session(_first(self._read(_SELECT_SESSION + " where family = ?", [family])))
+        return session_of(_first(self._read(SELECT_SESSION + " where family = ?", [family])))
 
     def revoke_session(self, session_id: str, now: float) -> int:
         return self._revoke("id = ?", [session_id], now)
@@ -428,8 +423,8 @@ class SqliteStore:
             ).rowcount
 
     def find_session_user(self, session_id: str) -> User | None:
-        return _user(_first(self._read(
-            f"select {_USER_COLUMNS_OF_USERS} from sessions join users on users.id = sessions.user_id"
+        return user_of(_first(self._read(
+            f"select {USER_COLUMNS} from sessions join users on users.id = sessions.user_id"
             " where sessions.id = ? and sessions.revoked_at is null and users.is_disabled = 0",
             [session_id],
         )))  # fmt: skip
@@ -489,11 +484,11 @@ class SqliteStore:
     def export(self, now: float) -> Snapshot:
         users = self.list_users()
         rows = self._read(
-            f"{_SELECT_SESSION} where sessions.revoked_at is null and sessions.expires_at > ?"
+            f"{SELECT_SESSION} where sessions.revoked_at is null and sessions.expires_at > ?"
             " order by sessions.created_at",
             [now],
         )
-        return Snapshot(users, [session for session in map(_session, rows) if session is not None])
+        return Snapshot(users, [session for session in map(session_of, rows) if session is not None])
 
     def import_(self, snapshot: Snapshot) -> None:
         """The keys go to the keys directory, which must hold none yet, under its lock; then the rows."""
@@ -505,7 +500,7 @@ class SqliteStore:
             if snapshot.keys is not None:
                 keys.write(snapshot.keys)
             conn.executemany(
-                f"insert into users ({_USER_COLUMNS}) values (?, ?, ?, ?, ?, ?, ?, ?)",
+                f"insert into users ({', '.join(USER_FIELDS)}) values (?, ?, ?, ?, ?, ?, ?, ?)",
                 [[u.id, u.email, u.name, u.password_hash, int(u.is_disabled), u.created_at, u.updated_at,
                   u.last_login_key] for u in snapshot.users],
             )  # fmt: skip
@@ -513,36 +508,13 @@ class SqliteStore:
                 _insert_session(conn, session)
 
 
-_SELECT_SESSION = (
-    f"select {_SESSION_COLUMNS}, {_USER_COLUMNS_OF_USERS} from sessions join users on users.id = sessions.user_id"
-)
-
-
 def _insert_session(conn: sqlite3.Connection, session: SessionState) -> None:
     conn.execute(
-        "insert into sessions (id, family, user_id, created_at, generation, token_hash, expires_at, spent)"
-        " values (?, ?, ?, ?, ?, ?, ?, ?)",
+        "insert into sessions (id, family, user_id, created_at, generation, token_hash, expires_at, spent,"
+        " legacy_hash) values (?, ?, ?, ?, ?, ?, ?, ?, ?)",
         [session.id, session.family, session.user.id, session.created_at, session.generation, session.token_hash,
-         session.expires_at, encode_spent(session.spent)],
+         session.expires_at, encode_spent(session.spent), session.legacy_hash],
     )  # fmt: skip
-
-
-def _user(row: Any) -> User | None:
-    if row is None:
-        return None
-    id_, email, name, password_hash, is_disabled, created_at, updated_at, last_login_key = row
-    return User(id_, email, name, password_hash, bool(is_disabled), created_at, updated_at, last_login_key)
-
-
-def _session(row: Any) -> SessionState | None:
-    if row is None:
-        return None
-    session_id, family, created_at, generation, token_hash, expires_at, revoked_at, spent = row[:8]
-    user = _user(row[8:])
-    assert user is not None
-    return SessionState(
-        session_id, family, user, created_at, generation, token_hash, expires_at, revoked_at, decode_spent(spent)
-    )
 
 
 def _first(rows: list[Any]) -> Any:
