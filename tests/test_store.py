@@ -104,6 +104,20 @@ def test_starting_a_session_beyond_the_cap_ends_the_oldest(store: Store) -> None
     assert store.find_session_user(others.id) is not None
 
 
+def test_the_cap_never_ends_the_session_being_started(store: Store) -> None:
+    """A login's time is taken before it waits for the database: the session it starts may bear an earlier time
+    than live ones, or the same. It is still the newest, and one of the others ends."""
+    user = new_user(store)
+    sessions = [started(store, user, NOW + 1) for _ in range(3)]
+    late = new_session(user, NOW)
+
+    ended = store.start_session(late, 3, "address-key")
+
+    assert ended == 1
+    assert store.find_session_user(late.id) is not None
+    assert [store.find_session_user(s.id) is None for s in sessions].count(True) == 1
+
+
 def test_rotate_saves_a_rotation_and_revokes_on_reuse(store: Store) -> None:
     session = started(store, new_user(store))
     spent = (SpentToken(0, NOW + 1, b"sealed"),)

@@ -98,8 +98,10 @@ class Store(Protocol):
     # Sessions
 
     def start_session(self, session: SessionState, max_sessions: int, address_key: str) -> int:
-        """Store a new session; end the user's oldest live sessions beyond `max_sessions`; remember
-        `address_key` as the user's last login address. Return how many sessions that ended."""
+        """Store a new session; end the user's oldest live sessions beyond `max_sessions`, never the new one
+        (it counts as the newest, even if another has the same created_at); remember `address_key` as the
+        user's last login address. Return how many sessions that ended. Concurrent calls for one user never
+        leave more than `max_sessions` live."""
 
     def rotate(self, family: str, decide: Callable[[SessionState | None], Decision]) -> Decision:
         """Lock the session of `family`, call `decide` on its state (None if there is none), save what the

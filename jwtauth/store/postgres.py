@@ -339,12 +339,17 @@ class PostgresStore:
         with self._transaction() as cursor:
             cursor.execute("select 1 from users where id = %s for update", [session.user.id])
             _insert_session(cursor, session)
+            # The user's row stays locked until the commit: concurrent logins of one user take their turns
+            # from here, and each one's next statement (a new snapshot, in READ COMMITTED) sees the sessions
+            # of those before it.
             cursor.execute("update users set last_login_key = %s where id = %s", [address_key, session.user.id])
+            # The new session is the newest whatever its created_at (another login may bear the same time):
+            # it is kept, and of the others the newest max_sessions - 1.
             capped = cursor.execute(
                 "update sessions set revoked_at = %(now)s where id in (select id from sessions"
-                " where user_id = %(user)s and revoked_at is null and expires_at > %(now)s"
+                " where user_id = %(user)s and id <> %(new)s and revoked_at is null and expires_at > %(now)s"
                 " order by created_at desc offset %(keep)s)",
-                {"now": session.created_at, "user": session.user.id, "keep": max_sessions},
+                {"now": session.created_at, "user": session.user.id, "new": session.id, "keep": max_sessions - 1},
             )
             return capped.rowcount
 

@@ -380,10 +380,13 @@ class SqliteStore:
         with self._write() as conn:
             _insert_session(conn, session)
             conn.execute("update users set last_login_key = ? where id = ?", [address_key, session.user.id])
+            # The new session is the newest whatever its created_at (another login may bear the same time):
+            # it is kept, and of the others the newest max_sessions - 1.
             return conn.execute(
                 "update sessions set revoked_at = ?1 where id in (select id from sessions where user_id = ?2"
-                " and revoked_at is null and expires_at > ?1 order by created_at desc limit -1 offset ?3)",
-                [session.created_at, session.user.id, max_sessions],
+                " and id != ?4 and revoked_at is null and expires_at > ?1 order by created_at desc"
+                " limit -1 offset ?3)",
+                [session.created_at, session.user.id, max_sessions - 1, session.id],
             ).rowcount
 
     def rotate(self, family: str, decide: Callable[[SessionState | None], Decision]) -> Decision:
