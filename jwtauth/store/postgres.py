@@ -335,9 +335,7 @@ class PostgresStore:
     # Sessions
 
     def start_session(self, session: SessionState, max_sessions: int, address_key: str) -> int:
-        """The user's row is locked first: concurrent logins of one user count each other's sessions."""
         with self._transaction() as cursor:
-            cursor.execute("select 1 from users where id = %s for update", [session.user.id])
             _insert_session(cursor, session)
             # The user's row stays locked until the commit: concurrent logins of one user take their turns
             # from here, and each one's next statement (a new snapshot, in READ COMMITTED) sees the sessions
