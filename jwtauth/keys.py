@@ -344,7 +344,8 @@ class KeyStore:
             KeyStoreError: the keys cannot be read or decrypted.
         """
         stored = self.repository.read()
-        is_encrypted = any(stored.pems.get(entry.kid, b"").startswith(b"-----BEGIN ENCRYPTED") for entry in stored.entries)
+        stored_pems = [stored.pems.get(entry.kid, b"") for entry in stored.entries]
+        is_encrypted = any(pem.startswith(b"-----BEGIN ENCRYPTED") for pem in stored_pems)
         reader = self if is_encrypted else KeyStore(self.repository, None, self.key_size, self.policy)
         keyset = reader.load()
         writer = KeyStore(self.repository, passphrase, self.key_size, self.policy)
