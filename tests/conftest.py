@@ -15,7 +15,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +35,7 @@ from jwtauth.service import UserAdmin
 from jwtauth.store import decode_spent, is_postgres_url, open_store
 from jwtauth.store.sqlite import MIGRATIONS
 
-from .services import PostgresCluster, free_port, require_service, start_postgres, stop_postgres
+from .services import DatabaseSupply, PostgresCluster, free_port, require_service, start_postgres, stop_postgres
 
 # Cheap Argon2, set the way users set it: through the environment.
 DATA_TABLES = ("users", "sessions")
@@ -108,6 +107,14 @@ def postgres() -> Iterator[PostgresCluster]:
         stop_postgres(cluster)
 
 
+@pytest.fixture(scope="session")
+def pg_databases(postgres: PostgresCluster) -> Iterator[DatabaseSupply]:
+    """Copies of the template database (schema and keys), made ahead of the tests that take them."""
+    supply = DatabaseSupply(postgres, PG_TEMPLATE)
+    yield supply
+    supply.close()
+
+
 def pg_env(cluster: PostgresCluster, dbname: str) -> dict[str, str]:
     return {
         **CHEAP_ARGON2,
@@ -122,11 +129,10 @@ def env(backend: str, tmp_path: Path, keys_template: Path, request: pytest.Fixtu
     """The environment of one jwtauth installation: a SQLite file in tmp_path with a copy of the template
     keys, or a PostgreSQL database of its own made from the template (schema and keys)."""
     if backend == "postgresql":
-        cluster: PostgresCluster = request.getfixturevalue("postgres")
-        dbname = f"test_{uuid.uuid4().hex}"
-        cluster.execute(f"create database {dbname} template {PG_TEMPLATE}")
-        yield pg_env(cluster, dbname)
-        cluster.execute(f"drop database {dbname} with (force)")
+        databases: DatabaseSupply = request.getfixturevalue("pg_databases")
+        dbname = databases.take()
+        yield pg_env(databases.cluster, dbname)
+        databases.drop(dbname)
         return
     shutil.copytree(keys_template, tmp_path / "keys")
     yield {

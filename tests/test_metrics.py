@@ -14,8 +14,8 @@ from starlette.testclient import TestClient
 from jwtauth.app import COUNT_SESSIONS_EVERY, create_app
 from jwtauth.config import Settings
 
-from .conftest import PG_TEMPLATE, Account, add_user, insert_many
-from .services import PostgresCluster
+from .conftest import Account, add_user, insert_many
+from .services import DatabaseSupply
 from .test_operations import scrape, value
 
 BULK = 50_000
@@ -57,13 +57,13 @@ def other_env(env: dict[str, str], backend: str, request: pytest.FixtureRequest)
     if backend == "sqlite":
         yield {**env, "JWTAUTH_DATABASE": env["JWTAUTH_DATABASE"].removesuffix(".db") + "-other.db"}
         return
-    cluster: PostgresCluster = request.getfixturevalue("postgres")
-    dbname = f"test_{uuid.uuid4().hex}"
-    cluster.execute(f"create database {dbname} template {PG_TEMPLATE}")
-    yield {**env, "JWTAUTH_DATABASE": cluster.url(dbname)}
-    cluster.execute(f"drop database {dbname} with (force)")
+    databases: DatabaseSupply = request.getfixturevalue("pg_databases")
+    dbname = databases.take()
+    yield {**env, "JWTAUTH_DATABASE": databases.cluster.url(dbname)}
+    databases.drop(dbname)
 
 
+@pytest.mark.sqlite_only  # the counting in the background: tests/test_store.py counts on both backends
 def test_scrapes_between_two_counts_report_the_last_count(
     client: TestClient, env: dict[str, str], alice: Account
 ) -> None:

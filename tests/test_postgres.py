@@ -37,7 +37,7 @@ from .conftest import (
     stop_server,
     table_counts,
 )
-from .services import PostgresCluster, require_service, start_postgres, stop_postgres
+from .services import DatabaseSupply, PostgresCluster, require_service, start_postgres, stop_postgres
 
 
 @pytest.fixture
@@ -384,17 +384,16 @@ def test_copy_to_moves_a_deployment_without_logging_anyone_out(env: dict[str, st
 
 
 @pytest.mark.sqlite_only
-def test_copy_to_refuses_a_target_with_jwtauth_data(env: dict[str, str], postgres: PostgresCluster) -> None:
-    dbname = f"taken_{uuid.uuid4().hex}"
-    postgres.execute(f"create database {dbname} template jwtauth_template")  # a schema and a key set
+def test_copy_to_refuses_a_target_with_jwtauth_data(env: dict[str, str], pg_databases: DatabaseSupply) -> None:
+    dbname = pg_databases.take()  # a schema and a key set
     add_user(Settings.from_env(env), "alice@example.com")
-    url = postgres.url(dbname)
+    url = pg_databases.cluster.url(dbname)
     before = query(url, "select kid, pem from signing_keys order by kid")
     try:
         result = run_cli("db", "copy-to", url, env={**env, "JWTAUTH_KEYS_PASSPHRASE": PG_PASSPHRASE})
         after = query(url, "select kid, pem from signing_keys order by kid"), table_counts(url)
     finally:
-        postgres.execute(f"drop database {dbname} with (force)")
+        pg_databases.drop(dbname)
 
     assert result.returncode == 1
     assert result.stderr.strip().endswith("already holds jwtauth data; nothing was copied")

@@ -260,7 +260,7 @@ def test_every_worker_signs_with_the_new_key_within_2_s(env: dict[str, str]) -> 
 def test_rotation_killed_at_any_moment_leaves_a_usable_set(env: dict[str, str]) -> None:
     clean = {**{k: v for k, v in os.environ.items() if not k.startswith("JWTAUTH_")}, **env}
     signers = {kid_in_state(env, "current")}
-    for delay in [0.1 * step for step in range(2, 12)]:
+    for delay in (0.2, 0.35, 0.5, 0.65, 0.8, 1.0):  # through the phases of a rotation: keys made, written, committed
         process = subprocess.Popen([sys.executable, "-m", "jwtauth", "keys", "rotate", "--force"], env=clean,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
         time.sleep(delay)

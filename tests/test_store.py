@@ -18,7 +18,8 @@ from jwtauth.keys import KeyEntry, StoredKeys
 from jwtauth.sessions import Decision, SessionState, SpentToken, User
 from jwtauth.store import Store, open_store
 
-from .conftest import PG_TEMPLATE, insert_many, query, without_keys
+from .conftest import insert_many, without_keys
+from .services import DatabaseSupply
 
 NOW = 1_800_000_000.0
 
@@ -273,14 +274,13 @@ def test_a_new_database_is_usable_and_sound(store: Store) -> None:
     assert store.check() == []
 
 
-def test_a_snapshot_moves_users_live_sessions_and_keys(store: Store, settings: Settings, tmp_path: Path) -> None:
+def test_a_snapshot_moves_users_live_sessions_and_keys(store: Store, empty_target: Settings) -> None:
     user = new_user(store)
     live, revoked = started(store, user), started(store, user)
     store.revoke_session(revoked.id, NOW)
     keys = StoredKeys((KeyEntry("kid", "current", 2048, 1),), {"kid": b"pem"}, b"secret pem")
     snapshot = dataclasses.replace(store.export(NOW), keys=keys)
-    target_settings = empty_target(settings, tmp_path)
-    target = open_store(target_settings)
+    target = open_store(empty_target)
     try:
         target.migrate()
         target.import_(snapshot)
@@ -296,16 +296,18 @@ def test_a_snapshot_moves_users_live_sessions_and_keys(store: Store, settings: S
     assert (stored.entries, dict(stored.pems), stored.refresh_secret) == (keys.entries, {"kid": b"pem"}, b"secret pem")
 
 
-def empty_target(settings: Settings, tmp_path: Path) -> Settings:
+@pytest.fixture
+def empty_target(settings: Settings, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Settings]:
     """Another installation of the same backend, with no data and no keys."""
-    if settings.database.startswith("postgresql://"):
-        server = settings.database.rpartition("/")[0]
-        dbname = f"target_{uuid.uuid4().hex}"
-        query(f"{server}/postgres", f"create database {dbname} template {PG_TEMPLATE}")
-        target = dataclasses.replace(settings, database=f"{server}/{dbname}")
-        without_keys({"JWTAUTH_DATABASE": target.database}, tmp_path)
-        return target
-    return dataclasses.replace(settings, database=str(tmp_path / "target.db"), keys_dir=tmp_path / "target-keys")
+    if not settings.database.startswith("postgresql://"):
+        yield dataclasses.replace(settings, database=str(tmp_path / "target.db"), keys_dir=tmp_path / "target-keys")
+        return
+    databases: DatabaseSupply = request.getfixturevalue("pg_databases")
+    dbname = databases.take()
+    target = dataclasses.replace(settings, database=databases.cluster.url(dbname))
+    without_keys({"JWTAUTH_DATABASE": target.database}, tmp_path)
+    yield target
+    databases.drop(dbname)
 
 
 def test_a_key_change_is_seen_through_the_version(store: Store) -> None:
