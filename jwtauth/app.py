@@ -131,7 +131,7 @@ async def _refresh(request: Request, params: Mapping[str, object]) -> Response:
     refresh_token = browser.presented_token(request, params, "refresh_token")  # the field, or a browser's cookie
     service: AuthService = request.state.service
     with browser.clearing_refused_cookie(request):
-        pair = await service.run(service.refresh, refresh_token)
+        pair = await service.refresh(refresh_token)
     return browser.token_response(request, pair)
 
 
@@ -225,7 +225,7 @@ async def userinfo(request: Request) -> Response:
       "401": {$ref: "#/components/responses/Error"}
     """
     service: AuthService = request.state.service
-    _, user = await service.run(service.authenticate, parse_bearer(request.headers.get("authorization")))
+    user = await service.userinfo(parse_bearer(request.headers.get("authorization")))
     return JSONResponse({"sub": user.id, "email": user.email, "name": user.name}, headers={"Cache-Control": "no-store"})
 
 

@@ -112,8 +112,15 @@ class AuthService:
         return int(self.clock())
 
     async def run(self, work: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-        """Call a method that uses the store, for a caller on the event loop (Store.run)."""
-        return await self.store.run(functools.partial(work, *args, **kwargs))
+        """Call a method that uses the store, for a caller on the event loop (Store.run).
+
+        Raises:
+            TemporarilyUnavailableError: the database cannot answer now.
+        """
+        try:
+            return await self.store.run(functools.partial(work, *args, **kwargs))
+        except StoreUnavailableError as exc:
+            raise TemporarilyUnavailableError("the database is unavailable; try again shortly") from exc
 
     def _audit(self, event: str, **fields: object) -> None:
         audit(event, **fields)
@@ -182,10 +189,11 @@ class AuthService:
         self._audit("login_succeeded", user=user.id)
         return pair
 
-    @answers_store_errors
-    def refresh(self, refresh_token: str) -> TokenPair:
+    async def refresh(self, refresh_token: str) -> TokenPair:
         """Rotate a refresh token: spend it and return a new pair in the same session (RFC 9700 §4.14.2); a
         token spent within the reuse interval gets the session's live refresh token (sessions.decide_rotation).
+        The database's part runs as the store runs it (Store.run); the signature on the event loop, so that a
+        worker thread does no more than wait for the database.
 
         Raises:
             InvalidGrantError: not a token of ours, unknown, expired, revoked or disabled; or reused after the
@@ -193,16 +201,7 @@ class AuthService:
             TemporarilyUnavailableError: the database cannot answer now.
         """
         now = self.clock()
-        tokens = self.keyset.refresh_tokens
-        presented = tokens.read(refresh_token)
-        if presented is not None and presented.generation is None and self._issued_session(refresh_token) is None:
-            presented = None  # from before generations, so no MAC: a plain read, no lock, until it proves ours
-        decision = Decision("invalid", "malformed_or_forged")  # made up, truncated or malformed: no lock
-        if presented is not None:
-            fresh = secrets.token_bytes(FRESH_BYTES)
-            decision = self.store.rotate(
-                presented.family, lambda state: decide_rotation(state, presented, now, self.policy, tokens, fresh)
-            )
+        decision = await self.run(self._rotate, refresh_token, now)
         state, user = decision.state, decision.user
         if decision.refresh_token is None or state is None or user is None:
             event = "refresh_reuse_detected" if decision.outcome == "reuse_detected" else "refresh_failed"
@@ -211,6 +210,19 @@ class AuthService:
         self._audit("refresh", user=user.id, sid=state.id, outcome=decision.outcome)
         access_token = self._access_token(user, state.id, int(now))
         return TokenPair(access_token, self.settings.access_ttl, decision.refresh_token, round(state.expires_at - now))
+
+    @answers_store_errors
+    def _rotate(self, refresh_token: str, now: float) -> Decision:
+        tokens = self.keyset.refresh_tokens
+        presented = tokens.read(refresh_token)
+        if presented is not None and presented.generation is None and self._issued_session(refresh_token) is None:
+            presented = None  # from before generations, so no MAC: a plain read, no lock, until it proves ours
+        if presented is None:
+            return Decision("invalid", "malformed_or_forged")  # made up, truncated or malformed: no lock
+        fresh = secrets.token_bytes(FRESH_BYTES)
+        return self.store.rotate(
+            presented.family, lambda state: decide_rotation(state, presented, now, self.policy, tokens, fresh)
+        )
 
     @answers_store_errors
     def revoke(self, token: str) -> None:
@@ -309,10 +321,25 @@ class AuthService:
             TemporarilyUnavailableError: the database cannot answer now.
         """
         claims = self._verify(access_token)
+        return claims, self._bearer(claims)
+
+    async def userinfo(self, access_token: str) -> User:
+        """The user of a bearer access token: the signature checked on the event loop, the session as the
+        store runs it (Store.run).
+
+        Raises:
+            InvalidTokenError: the token fails verification, or its session is revoked or its user disabled.
+            TemporarilyUnavailableError: the database cannot answer now.
+        """
+        claims = self._verify(access_token)
+        return await self.run(self._bearer, claims)
+
+    @answers_store_errors
+    def _bearer(self, claims: AccessClaims) -> User:
         user = self.store.find_session_user(claims["sid"])
         if user is None or user.id != claims["sub"]:
             raise InvalidTokenError("session revoked or user disabled")
-        return claims, user
+        return user
 
     def _verify(self, access_token: str) -> AccessClaims:
         return verify_access_token(

@@ -14,7 +14,7 @@ from jwtauth.tokens import NONCE_BYTES, PresentedToken, RefreshTokens, hash_refr
 
 # Spent tokens a session remembers for the reuse interval, newest first: enough for a client's concurrent
 # refreshes and lost answers, while a thief rotating fast cannot make a session keep every token it spent.
-MAX_SPENT_TOKENS = 8
+MAX_SPENT_TOKENS = 5
 FRESH_BYTES = 32 + NONCE_BYTES  # a new token's secret, and the nonce that seals it
 
 
@@ -159,7 +159,7 @@ def _rotate(
     spent: tuple[SpentToken, ...] = ()  # with no interval every reuse is theft: nothing to remember
     if policy.reuse_interval > 0:
         recent = [token for token in state.spent if now - token.spent_at < policy.reuse_interval]
-        sealed = tokens.seal(live, successor, fresh[32:])
+        sealed = tokens.seal(live, fresh[:32], fresh[32:])
         spent = (*recent[-(MAX_SPENT_TOKENS - 1) :], SpentToken(state.generation, now, sealed))
     rotated = dataclasses.replace(
         state,
@@ -174,8 +174,10 @@ def _rotate(
 def _open_chain(state: SessionState, text: str, generation: int, tokens: RefreshTokens) -> str | None:
     """Open the successor of the token `text` (of `generation`), then its successor, up to the live token."""
     by_generation = {token.generation: token.sealed_successor for token in state.spent}
-    opened: str | None = text
     for step in range(generation, state.generation):
         sealed = by_generation.get(step)
-        opened = tokens.open(opened, sealed) if opened is not None and sealed is not None else None
-    return opened
+        secret = tokens.open(text, sealed) if sealed is not None else None
+        if secret is None:
+            return None
+        text = tokens.mint(state.family, step + 1, secret)
+    return text

@@ -26,10 +26,10 @@ from jwtauth.errors import InvalidTokenError
 
 ALGORITHM = "RS256"
 ACCESS_TOKEN_TYPES = ("at+jwt", "application/at+jwt")  # RFC 9068 §4: compared case-insensitively
-_FAMILY_ID = re.compile(r"[A-Za-z0-9_-]{22}")  # secrets.token_urlsafe(16)
-_SECRET = re.compile(r"[A-Za-z0-9_-]{43}")  # 256 bits, base64url without padding
-_GENERATION = re.compile(r"0|[1-9][0-9]{0,17}")
-_MAC = re.compile(r"[A-Za-z0-9_-]{22}")  # 128 bits
+# <family: 128 bits>.<generation>.<secret: 256 bits>.<mac: 128 bits>, base64url without padding; and the
+# format from before generations, <family>.<secret>.
+_TOKEN = re.compile(r"([A-Za-z0-9_-]{22})\.(0|[1-9][0-9]{0,17})\.[A-Za-z0-9_-]{43}\.([A-Za-z0-9_-]{22})")
+_OLD_TOKEN = re.compile(r"([A-Za-z0-9_-]{22})\.[A-Za-z0-9_-]{43}")
 NONCE_BYTES = 12  # of AES-GCM, before each sealed successor
 ASCII_WHITESPACE = " \t\r\n"  # ignored around a presented refresh token (API.md)
 REQUIRED_CLAIMS = ["iss", "sub", "aud", "exp", "iat", "nbf", "jti", "client_id", "sid"]
@@ -198,7 +198,8 @@ class RefreshTokens:
     rotations since the login, 256 bits from `secrets`, and an HMAC-SHA-256 (truncated to 128 bits) of
     the rest under a key derived from the server's secret. The MAC lets the server recognise every token it
     issued, spent or live, without keeping it; a made-up or truncated secret after a real prefix fails it.
-    A successor is sealed (AES-256-GCM) under a key derived from its parent token's text, which the
+    A successor's secret part (its family and generation follow from its parent's, so that is all it takes to
+    mint it again) is sealed with AES-256-GCM under a key derived from its parent token's text, which the
     database never holds: only the holder of the parent can open it.
     """
 
@@ -217,27 +218,23 @@ class RefreshTokens:
         either carries this server's MAC (compared in constant time) or has the format from before
         generations. A made-up token therefore never reaches the database."""
         text = text.strip(ASCII_WHITESPACE)
-        parts = text.split(".")
-        if not _FAMILY_ID.fullmatch(parts[0]):
+        match = _TOKEN.fullmatch(text)
+        if match is None:
+            old = _OLD_TOKEN.fullmatch(text)
+            return PresentedToken(text, old[1], None) if old else None
+        if not hmac.compare_digest(self._mac(text[: match.start(3) - 1]), match[3]):
             return None
-        if len(parts) == 2 and _SECRET.fullmatch(parts[1]):
-            return PresentedToken(text, parts[0], None)
-        if len(parts) != 4 or not (_GENERATION.fullmatch(parts[1]) and _SECRET.fullmatch(parts[2])
-                                   and _MAC.fullmatch(parts[3])):  # fmt: skip
-            return None
-        if not hmac.compare_digest(self._mac(text.rpartition(".")[0]), parts[3]):
-            return None
-        return PresentedToken(text, parts[0], int(parts[1]))
+        return PresentedToken(text, match[1], int(match[2]))
 
-    def seal(self, parent: str, successor: str, nonce: bytes) -> bytes:
-        """Return `successor` encrypted under a key derived from `parent`: nonce + AES-GCM ciphertext."""
-        return nonce + AESGCM(self._sealing_key(parent)).encrypt(nonce, successor.encode(), None)
+    def seal(self, parent: str, successor_secret: bytes, nonce: bytes) -> bytes:
+        """Return a successor's secret part encrypted under a key derived from `parent`: nonce + AES-GCM
+        ciphertext and tag."""
+        return nonce + AESGCM(self._sealing_key(parent)).encrypt(nonce, successor_secret, None)
 
-    def open(self, parent: str, sealed: bytes) -> str | None:
-        """Return the successor sealed under `parent`, or None if `parent` is not the token it was sealed for."""
+    def open(self, parent: str, sealed: bytes) -> bytes | None:
+        """Return the secret part sealed under `parent`, or None if `parent` is not the token it was sealed for."""
         try:
-            key = AESGCM(self._sealing_key(parent))
-            return key.decrypt(sealed[:NONCE_BYTES], sealed[NONCE_BYTES:], None).decode()
+            return AESGCM(self._sealing_key(parent)).decrypt(sealed[:NONCE_BYTES], sealed[NONCE_BYTES:], None)
         except (InvalidTag, ValueError):
             return None
 
@@ -245,7 +242,9 @@ class RefreshTokens:
         return _b64(hmac.digest(self._mac_key, body.encode(), "sha256")[:16])
 
     def _sealing_key(self, parent: str) -> bytes:
-        return HKDF(hashes.SHA256(), 32, salt=self._seal_salt, info=b"jwtauth sealed successor").derive(parent.encode())
+        # HMAC under a key of the server's (HKDF's extract step): the parent token, 256 random bits and
+        # more, is the input keying material; the database holds only its SHA-256, an unrelated function.
+        return hmac.digest(self._seal_salt, parent.encode(), "sha256")
 
 
 def hash_refresh_token(token: str) -> str:

@@ -62,7 +62,7 @@ def make_signer(key_size: int = 2048) -> Signer:
         "jti": secrets.token_urlsafe(16),
         "client_id": "jwtauth",
         "sid": str(uuid.uuid4()),
-        "email": "cheap-0000@bench.test",
+        "email": "cheap-0000@bench.example.com",
     }
     return Signer(private_key, kid, claims, sign(private_key, kid, claims))
 

@@ -109,7 +109,7 @@ def add_users(installation: Installation, emails: Sequence[str], argon2_paramete
 
 
 def account_emails(prefix: str, count: int) -> list[str]:
-    return [f"{prefix}-{number:04d}@bench.test" for number in range(count)]
+    return [f"{prefix}-{number:04d}@bench.example.com" for number in range(count)]
 
 
 # The process tree, from /proc

@@ -97,9 +97,9 @@ def test_a_token_is_read_back_with_its_parts() -> None:
 
 
 def test_a_sealed_successor_opens_only_with_its_parent() -> None:
-    sealed = TOKENS.seal("parent", "successor", b"n" * 12)
+    sealed = TOKENS.seal("parent", b"the successor's secret", b"n" * 12)
 
-    assert TOKENS.open("parent", sealed) == "successor"
+    assert TOKENS.open("parent", sealed) == b"the successor's secret"
     assert TOKENS.open("another parent", sealed) is None
     assert RefreshTokens(b"other secret").open("parent", sealed) is None
 

@@ -311,11 +311,11 @@ def test_two_tabs_that_raced_both_carry_on_after_the_interval(
     assert refresh(lenient, tab_a["refresh_token"]).status_code == 200
 
 
-def test_a_token_from_before_the_last_eight_rotations_is_taken_as_theft(lenient: TestClient, alice: Account) -> None:
-    """Within the interval a session remembers its eight newest spent tokens: enough for a client's
+def test_a_token_from_before_the_last_five_rotations_is_taken_as_theft(lenient: TestClient, alice: Account) -> None:
+    """Within the interval a session remembers its five newest spent tokens: enough for a client's
     concurrent refreshes, while a fast thief cannot make it keep every token it ever spent."""
     tokens = [login(lenient, alice.email)["refresh_token"]]
-    for _ in range(9):  # nine rotations within the interval: the first token drops out of the newest eight
+    for _ in range(6):  # six rotations within the interval: the first token drops out of the newest five
         tokens.append(refresh(lenient, tokens[-1]).json()["refresh_token"])
 
     remembered = refresh(lenient, tokens[1])
