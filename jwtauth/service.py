@@ -200,8 +200,8 @@ class AuthService:
                 reuse interval, which revokes the whole session.
             TemporarilyUnavailableError: the database cannot answer now.
         """
+        decision = await self.run(self._rotate, refresh_token)
         now = self.clock()
-        decision = await self.run(self._rotate, refresh_token, now)
         state, user = decision.state, decision.user
         if decision.refresh_token is None or state is None or user is None:
             event = "refresh_reuse_detected" if decision.outcome == "reuse_detected" else "refresh_failed"
@@ -212,7 +212,7 @@ class AuthService:
         return TokenPair(access_token, self.settings.access_ttl, decision.refresh_token, round(state.expires_at - now))
 
     @answers_store_errors
-    def _rotate(self, refresh_token: str, now: float) -> Decision:
+    def _rotate(self, refresh_token: str) -> Decision:
         tokens = self.keyset.refresh_tokens
         presented = tokens.read(refresh_token)
         if presented is not None and presented.generation is None and self._issued_session(refresh_token) is None:
@@ -220,8 +220,9 @@ class AuthService:
         if presented is None:
             return Decision("invalid", "malformed_or_forged")  # made up, truncated or malformed: no lock
         fresh = secrets.token_bytes(FRESH_BYTES)
-        return self.store.rotate(
-            presented.family, lambda state: decide_rotation(state, presented, now, self.policy, tokens, fresh)
+        return self.store.rotate(  # the time is read under the session's lock, however long the wait for it was
+            presented.family,
+            lambda state: decide_rotation(state, presented, self.clock(), self.policy, tokens, fresh),
         )
 
     @answers_store_errors

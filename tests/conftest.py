@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses
 import functools
@@ -46,6 +47,9 @@ CHEAP_ARGON2 = {
 }
 ISSUER = "https://auth.test"
 PASSWORD = "correct horse battery"
+# A JWT whose header is JSON arrays nested 3,000 deep (within the 4,096 characters of a field): Python's json
+# parser gives up on it with RecursionError, not ValueError.
+NESTED_HEADER_TOKEN = base64.urlsafe_b64encode(b"[" * 3000).decode().rstrip("=") + ".e30.c2ln"
 
 
 @dataclass(frozen=True)

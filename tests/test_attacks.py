@@ -29,7 +29,7 @@ from jwtauth.config import Settings
 from jwtauth.errors import InvalidTokenError
 from jwtauth.web import parse_bearer
 
-from .conftest import Account, add_user, kid_in_state, login, private_key, table_counts
+from .conftest import NESTED_HEADER_TOKEN, Account, add_user, kid_in_state, login, private_key, table_counts
 
 ATTACKER = "https://attacker.example"
 RS256 = RSAAlgorithm(RSAAlgorithm.SHA256)
@@ -390,6 +390,7 @@ def test_refresh_token_as_bearer_is_rejected(client: TestClient, settings: Setti
         "Bearer {token} {token}",
         "Bearer {token},",
         'Bearer "{token}"',
+        f"Bearer {NESTED_HEADER_TOKEN}",
     ],
 )
 def test_malformed_authorization_header_is_rejected(

@@ -22,6 +22,7 @@ from jwtauth.sessions import MAX_SPENT_TOKENS
 from jwtauth.store.sqlite import MIGRATIONS
 
 from .conftest import (
+    NESTED_HEADER_TOKEN,
     PASSWORD,
     Account,
     Clock,
@@ -394,7 +395,9 @@ def test_revoke_an_access_token_ends_its_session(strict: TestClient, alice: Acco
     assert strict.get("/userinfo", headers=bearer(pair["access_token"])).status_code == 401
 
 
-@pytest.mark.parametrize("token", ["unknown-token", "eyJhbGciOiJub25lIn0.eyJzaWQiOiJ4In0.", "a.b.c", "x" * 4000])
+@pytest.mark.parametrize(
+    "token", ["unknown-token", "eyJhbGciOiJub25lIn0.eyJzaWQiOiJ4In0.", "a.b.c", "x" * 4000, NESTED_HEADER_TOKEN]
+)
 def test_revoke_an_unknown_or_malformed_token_is_200_and_changes_nothing(
     strict: TestClient, settings: Settings, alice: Account, token: str
 ) -> None:

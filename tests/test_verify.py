@@ -23,7 +23,7 @@ from jwtauth.keys import public_jwk
 from jwtauth.tokens import public_keys_of
 from jwtauth.verify import Fetched, InvalidTokenError, JWKSClient, Verifier, fetch_url, max_age_of
 
-from .conftest import ISSUER, Account, Clock, login, private_key
+from .conftest import ISSUER, NESTED_HEADER_TOKEN, Account, Clock, login, private_key
 
 JWKS_URI = f"{ISSUER}/.well-known/jwks.json"
 DISCOVERY_URI = f"{ISSUER}/.well-known/openid-configuration"
@@ -240,6 +240,11 @@ def test_cached_keys_serve_while_the_issuer_is_down(
 )  # fmt: skip
 def test_max_age_of_cache_control(cache_control: str, seconds: float) -> None:
     assert max_age_of({"cache-control": cache_control} if cache_control else {}) == seconds
+
+
+def test_a_header_nested_too_deep_to_parse_is_a_malformed_token(verifier: Verifier, recorder: Recorder) -> None:
+    assert rejection(verifier, NESTED_HEADER_TOKEN) == "malformed token"
+    assert recorder.jwks_fetches == 0
 
 
 def test_key_set_members_that_cannot_verify_rs256_are_skipped(foreign_key: rsa.RSAPrivateKey) -> None:
