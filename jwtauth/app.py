@@ -123,6 +123,7 @@ async def refresh(request: Request) -> Response:
       "403": {$ref: "#/components/responses/Error"}
       "413": {$ref: "#/components/responses/Error"}
       "415": {$ref: "#/components/responses/Error"}
+      "503": {$ref: "#/components/responses/Error"}
     """
     return await _refresh(request, await read_params(request))
 
@@ -174,6 +175,7 @@ async def revoke(request: Request) -> Response:
       "403": {$ref: "#/components/responses/Error"}
       "413": {$ref: "#/components/responses/Error"}
       "415": {$ref: "#/components/responses/Error"}
+      "503": {$ref: "#/components/responses/Error"}
     """
     # token_type_hint is optional: both kinds are tried. A browser may name its session by the cookie instead.
     token = browser.presented_token(request, await read_params(request), "token")
@@ -198,6 +200,7 @@ async def logout(request: Request) -> Response:
       "403": {$ref: "#/components/responses/Error"}
       "413": {$ref: "#/components/responses/Error"}
       "415": {$ref: "#/components/responses/Error"}
+      "503": {$ref: "#/components/responses/Error"}
     """
     cookie = browser.logout_cookie(request)  # from an allowed origin, the cookie may stand for the bearer
     access_token = "" if cookie else parse_bearer(request.headers.get("authorization"))
@@ -223,6 +226,7 @@ async def userinfo(request: Request) -> Response:
         description: OK
         content: {application/json: {schema: {$ref: "#/components/schemas/UserInfo"}}}
       "401": {$ref: "#/components/responses/Error"}
+      "503": {$ref: "#/components/responses/Error"}
     """
     service: AuthService = request.state.service
     user = await service.userinfo(parse_bearer(request.headers.get("authorization")))
