@@ -102,6 +102,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "insert into key_set (id, version) values (1, 0)",
     ),
+    (
+        # The session cap at each login looks only at the user's live sessions, the ones this index holds:
+        # revoked ones stay in the table until the sweep, and a user past the cap leaves one at each login.
+        "create index sessions_live_by_user on sessions(user_id, created_at, expires_at) where revoked_at is null",
+    ),
 )
 SWEEP_BATCH = 500  # sessions deleted per transaction
 TCP_DEFAULTS: dict[str, str | int] = {  # unless the URL says otherwise

@@ -135,6 +135,11 @@ MIGRATIONS: tuple[tuple[str | Callable[[sqlite3.Connection], None], ...], ...] =
         "alter table users add column last_login_key text",  # the throttle key of the last login's address
     ),
     (_normalise_emails,),
+    (
+        # The session cap at each login looks only at the user's live sessions, the ones this index holds:
+        # revoked ones stay in the table until the sweep, and a user past the cap leaves one at each login.
+        "create index sessions_live_by_user on sessions(user_id, created_at, expires_at) where revoked_at is null",
+    ),
 )
 WRITE_RETRY_FIRST_SECONDS, WRITE_RETRY_MAX_SECONDS = 0.0001, 0.002  # between tries for another process's lock
 SWEEP_BATCH = 500  # rows deleted per transaction by the sweep, so that writers never wait long behind it
