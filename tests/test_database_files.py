@@ -16,7 +16,7 @@ import pytest
 
 from jwtauth.config import Settings
 
-from .conftest import PASSWORD, add_user, login, run_cli, start_server, stop_server
+from .conftest import PASSWORD, add_user, in_background, login, run_cli, start_server, stop_server
 
 pytestmark = pytest.mark.sqlite_only
 SUFFIXES = ("", "-wal", "-shm")
@@ -44,20 +44,14 @@ def watching_modes(database: Path) -> Iterator[dict[str, set[int]]]:
     """Every mode the database's files are seen with, looked at over and over while the block runs: a file made
     with a wider mode and narrowed afterwards may be caught with it."""
     seen: dict[str, set[int]] = {}
-    stop = threading.Event()
 
-    def watch() -> None:
+    def watch(stop: threading.Event) -> None:
         while not stop.is_set():
             for name, mode in modes(database).items():
                 seen.setdefault(name, set()).add(mode)
 
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    try:
+    with in_background(watch):
         yield seen
-    finally:
-        stop.set()
-        watcher.join()
 
 
 # Installed through PYTHONPATH in the processes a test starts (the server's workers too): each time the process

@@ -29,6 +29,7 @@ from .conftest import (
     Server,
     add_user,
     bearer,
+    in_background,
     kid_in_state,
     pg_env,
     query,
@@ -161,22 +162,16 @@ def test_a_key_change_anywhere_reaches_every_node_within_2_s(
 def light_load(server: Server) -> Iterator[list[int]]:
     """Refreshes of one session, one after another, in a thread while the block runs; their statuses."""
     statuses: list[int] = []
-    stop = threading.Event()
 
-    def loop() -> None:
+    def loop(stop: threading.Event) -> None:
         token = login(server).json()["refresh_token"]
         while not stop.wait(0.02):
             response = refresh(server, token)
             statuses.append(response.status_code)
             token = response.json().get("refresh_token", token)
 
-    thread = threading.Thread(target=loop)
-    thread.start()
-    try:
+    with in_background(loop):
         yield statuses
-    finally:
-        stop.set()
-        thread.join()
 
 
 def published(server: Server) -> list[str]:

@@ -21,7 +21,18 @@ from jwtauth.app import create_app
 from jwtauth.config import Settings
 from jwtauth.store import is_postgres_url
 
-from .conftest import PASSWORD, Account, Clock, add_user, bearer, login, query, start_server, stop_server
+from .conftest import (
+    PASSWORD,
+    Account,
+    Clock,
+    add_user,
+    bearer,
+    in_background,
+    login,
+    query,
+    start_server,
+    stop_server,
+)
 from .test_sessions import assert_invalid_grant, refresh, sid_of
 
 CAP = 3
@@ -66,10 +77,9 @@ def rows_of(env: dict[str, str], user_id: str) -> list[tuple[Any, ...]]:
 def watching_live_sessions(database: str, user_id: str) -> Iterator[list[int]]:
     """Count the user's sessions that are not revoked, over and over on one connection, while the block runs."""
     seen: list[int] = []
-    stop = threading.Event()
     sql = "select count(*) from sessions where revoked_at is null and user_id = ?"
 
-    def watch() -> None:
+    def watch(stop: threading.Event) -> None:
         if is_postgres_url(database):
             with psycopg.connect(database, autocommit=True) as pg:
                 while not stop.is_set():
@@ -79,13 +89,8 @@ def watching_live_sessions(database: str, user_id: str) -> Iterator[list[int]]:
             while not stop.is_set():
                 seen.append(conn.execute(sql, [user_id]).fetchone()[0])
 
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    try:
+    with in_background(watch):
         yield seen
-    finally:
-        stop.set()
-        watcher.join()
 
 
 def audit_records(caplog: pytest.LogCaptureFixture, event: str) -> list[logging.LogRecord]:
