@@ -140,7 +140,8 @@ class AuthService:
         email = normalise_email(email)
         user = self.store.find_user_by_email(email)
         # Unknown emails are counted like known ones, so that a 429 tells nothing about who has an account.
-        pair_key, address_key = _throttle_key(email, address), _throttle_key("", address)
+        bucket = _address_bucket(address)
+        pair_key, address_key = _throttle_key(email, bucket), _throttle_key("", bucket)
         limits = {pair_key: self.settings.login_max_failures, address_key: self.settings.login_max_failures_per_address}
         if user is None or user.last_login_key != address_key:  # failures elsewhere cannot lock the owner out
             limits[_throttle_key(email, "\x01account")] = self.settings.login_max_failures_per_account
@@ -163,7 +164,9 @@ class AuthService:
             EmailTakenError: the email is taken.
             TemporarilyUnavailableError: the database cannot answer now.
         """
-        limits = {_throttle_key("\x01registration", address): self.settings.login_max_failures_per_address}
+        limits = {
+            _throttle_key("\x01registration", _address_bucket(address)): self.settings.login_max_failures_per_address
+        }
         self._take_attempt(limits, "registration_throttled", address)
         user = UserAdmin(self.store, self.hasher, self.clock).add_user(email, password, name)
         self._audit("user_registered", user=user.id)
@@ -459,8 +462,9 @@ class UserAdmin:
         return count
 
 
-def _throttle_key(email: str, address: str) -> str:
-    return hashlib.sha256(f"{email}\x00{_address_bucket(address)}".encode()).hexdigest()
+def _throttle_key(email: str, bucket: str) -> str:
+    """The key under which login attempts are counted: for an email (or none) from an address's bucket."""
+    return hashlib.sha256(f"{email}\x00{bucket}".encode()).hexdigest()
 
 
 def _address_bucket(address: str) -> str:
