@@ -101,7 +101,7 @@ def _adding(send: Send, headers: list[tuple[bytes, bytes]], visit: Visit | None)
 
 
 def _visit(request: Request) -> Visit | None:
-    visit: Visit | None = getattr(request.state, "browser", None)
+    visit: Visit | None = request.scope["state"].get("browser")  # request.state would raise and catch for None
     return visit
 
 
