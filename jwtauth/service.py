@@ -223,7 +223,7 @@ class AuthService:
         if presented is None:
             return Decision("invalid", "malformed_or_forged")  # made up, truncated or malformed: no lock
         fresh = secrets.token_bytes(FRESH_BYTES)
-        return self.store.rotate(  # the time is read under the session's lock, however long the wait for it was
+        return self.store.rotate(  # the time is read at each decision, made again if the session changed meanwhile
             presented.family,
             lambda state: decide_rotation(state, presented, self.clock(), self.policy, tokens, fresh),
         )

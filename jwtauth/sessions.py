@@ -1,6 +1,7 @@
 """Sessions and the rotation rule: what presenting a refresh token does, as a pure function of the session's
-state and the token. Both storage backends load the state, call `decide_rotation` under their lock, and
-save what it returns, so the rule is written once (RFC 9700 §4.14.2, API.md "Refresh tokens").
+state and the token. Both storage backends load the state, call `decide_rotation`, and save what it returns
+unless another rotation saved first (store.rotate_optimistically), so the rule is written once (RFC 9700
+§4.14.2, API.md "Refresh tokens").
 """
 
 from __future__ import annotations

@@ -217,6 +217,29 @@ def test_a_session_locked_by_another_transaction_waits_then_goes_on(database: di
     assert 0.5 <= waited < 5
 
 
+def test_rotations_queued_behind_a_lock_converge_on_the_token_of_the_one_that_saved(
+    database: dict[str, str],
+) -> None:
+    """Two nodes read the session and decide to rotate it while another transaction holds its row; when
+    that ends, one saves its rotation, and the other, finding the session rotated, decides again: the reuse
+    interval's answer, the same token."""
+    add_user(Settings.from_env(database), "alice@example.com")
+    with nodes({**database, "JWTAUTH_REFRESH_REUSE_INTERVAL": "10"}, 2) as servers:
+        token = login(servers[0]).json()["refresh_token"]
+        with psycopg.connect(database["JWTAUTH_DATABASE"]) as other, concurrent.futures.ThreadPoolExecutor(2) as pool:
+            other.execute("select id from sessions for update")
+            answers = [pool.submit(refresh, server, token) for server in servers]
+            time.sleep(0.3)  # both have read the session and wait for its row
+            assert not any(answer.done() for answer in answers)
+            other.rollback()
+            responses = [answer.result() for answer in answers]
+        generations = query(database["JWTAUTH_DATABASE"], "select generation, revoked_at from sessions")
+
+    assert [response.status_code for response in responses] == [200, 200], [r.text for r in responses]
+    assert len({response.json()["refresh_token"] for response in responses}) == 1
+    assert generations == [(1, None)]  # one rotation saved, the session alive
+
+
 def test_a_lock_held_past_the_busy_timeout_gets_503_and_no_winner(database: dict[str, str]) -> None:
     add_user(Settings.from_env(database), "alice@example.com")
     env = {**database, "JWTAUTH_DB_BUSY_TIMEOUT_MS": "300", "JWTAUTH_REFRESH_REUSE_INTERVAL": "0"}

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from jwtauth.config import Settings
+from jwtauth.errors import StoreUnavailableError
 from jwtauth.keys import KeyRepository, StoredKeys
 from jwtauth.sessions import Decision, SessionState, SpentToken, User
 
@@ -104,12 +105,13 @@ class Store(Protocol):
         leave more than `max_sessions` live."""
 
     def rotate(self, family: str, decide: Callable[[SessionState | None], Decision]) -> Decision:
-        """Lock the session of `family`, call `decide` on its state (None if there is none), save what the
-        decision says (a rotated or a revoked session), commit, and return the decision. Concurrent calls
-        for one session, from any process or machine, are decided one after another.
+        """Call `decide` on the state of the session of `family` (None if there is none), save what the
+        decision says (a rotated or a revoked session), and return the decision (rotate_optimistically).
+        Of concurrent calls for one session, from any process or machine, that decided on one state, one saves
+        and the others decide again on the state it saved.
 
         Raises:
-            StoreUnavailableError: the lock could not be had within the busy timeout; nothing was done.
+            StoreUnavailableError: the row's lock could not be had within the busy timeout; nothing was done.
         """
 
     def find_session(self, family: str) -> SessionState | None:
@@ -186,6 +188,43 @@ def describe_database(database: str) -> str:
     return f"{scheme}://{location}"
 
 
+# The rotation both backends run (Store.rotate)
+
+# Each failed attempt means that another rotation of the session saved first. With the rotation rule a call
+# fails at most once (it then finds its token spent, and a spent token is never rotated); the bound only keeps
+# a rule that always rotates, under contention, from trying for ever.
+MAX_ROTATION_ATTEMPTS = 64
+
+
+def rotate_optimistically(
+    read: Callable[[], SessionState | None],
+    decide: Callable[[SessionState | None], Decision],
+    save_rotation: Callable[[SessionState, int], bool],
+    save_revocation: Callable[[SessionState], object],
+) -> Decision:
+    """Decide on the session as read, with no lock held, then save only if no other rotation or revocation
+    saved meanwhile; else read and decide again. `save_rotation(state, generation)` saves a rotation if the
+    session is still at the generation it was read at and not revoked, in one statement that takes the row's
+    write lock, and says whether it did. Of rotations that decided on one generation, exactly one saves;
+    the others then find the token spent (the reuse interval's answer, or theft). The lock is held only
+    for that statement, not while the rule runs, so other processes' rotations seldom wait for it.
+
+    Raises:
+        StoreUnavailableError: another rotation of the session saved first at each of MAX_ROTATION_ATTEMPTS.
+    """
+    for _ in range(MAX_ROTATION_ATTEMPTS):
+        state = read()
+        decision = decide(state)
+        saved = decision.state
+        if decision.outcome == "rotated" and saved is not None and state is not None:
+            if not save_rotation(saved, state.generation):
+                continue
+        elif decision.outcome == "reuse_detected" and saved is not None:
+            save_revocation(saved)  # revoked by this or by a revocation that came first: the same
+        return decision
+    raise StoreUnavailableError("the session was rotated by others at every attempt")
+
+
 # Rows as both backends select them (the same SQL): a user's columns; a session's, then its user's.
 USER_FIELDS = ("id", "email", "name", "password_hash", "is_disabled", "created_at", "updated_at", "last_login_key")
 SESSION_FIELDS = (
@@ -219,7 +258,7 @@ def session_of(row: Sequence[Any] | None) -> SessionState | None:
 
 # The spent tokens of a session, as both backends store them (a BLOB, a bytea): for each, its generation
 # (8 bytes), when it was spent (a double) and the length of its sealed successor (2 bytes), then the sealed
-# successor itself. Read and written at every rotation, inside the write lock: a fixed layout, no JSON.
+# successor itself. Read and written at every rotation: a fixed layout, no JSON.
 _SPENT_HEADER = struct.Struct("<qdH")
 
 

@@ -1,9 +1,11 @@
 """The PostgreSQL backend: every SQL statement for a database that many jwtauth processes, on any number of
 machines, share (psycopg 3 with psycopg_pool; the store is synchronous and runs in worker threads).
 
-- A rotation locks its session's row (SELECT … FOR UPDATE) under `SET LOCAL lock_timeout`: concurrent
-  refreshes of one session, from any node, are decided one after another; a wait past the busy timeout
-  ends in StoreUnavailableError (503), never in two winners.
+- A rotation reads its session, decides, and saves with an UPDATE that takes the session's row lock and
+  saves only if no other rotation did since the read (store.rotate_optimistically), under a lock_timeout
+  local to the statement: of concurrent refreshes of one session, from any node, one saves and the others
+  decide again on what it saved; a wait past the busy timeout ends in StoreUnavailableError (503), never in
+  two winners.
 - Login counters are counted by INSERT … ON CONFLICT DO UPDATE, all or none in one transaction.
 - The sweep deletes ended sessions a small batch at a time, FOR UPDATE SKIP LOCKED, so nodes that sweep
   at once share the work instead of waiting for each other.
@@ -43,6 +45,7 @@ from jwtauth.store import (
     Snapshot,
     describe_database,
     encode_spent,
+    rotate_optimistically,
     session_of,
     user_of,
 )
@@ -114,6 +117,17 @@ TCP_DEFAULTS: dict[str, str | int] = {  # unless the URL says otherwise
     "tcp_user_timeout": 15_000, "application_name": "jwtauth",
 }  # fmt: skip
 IDLE_IN_TRANSACTION_MS = 30_000  # a transaction left open by a node that stopped mid-way ends, and its locks
+# Joined in the FROM of an UPDATE in autocommit, bounds its wait for the row lock by the busy timeout (the
+# parameter, in ms): set_config runs before the row is locked, and `true` keeps the setting to the statement's
+# own implicit transaction, so behind PgBouncer in transaction mode too.
+LOCK_TIMEOUT = "(select set_config('lock_timeout', %s, true)) as statement_settings"
+SAVE_ROTATION = (  # if no other rotation or revocation saved since the session was read
+    "update sessions set generation = %s, token_hash = %s, expires_at = %s, spent = %s"
+    f" from {LOCK_TIMEOUT} where id = %s and generation = %s and revoked_at is null"
+)
+SAVE_REVOCATION = (
+    f"update sessions set revoked_at = %s, spent = '' from {LOCK_TIMEOUT} where id = %s and revoked_at is null"
+)
 CONNECTION_WAIT_SECONDS = 2.0  # how long a request waits for a pooled connection (all busy, or being made)
 FAIL_FAST_SECONDS = 0.2  # how long it waits while the database is known to be down
 
@@ -144,8 +158,10 @@ class PostgresStore:
             reconnect_failed=self._mark_down,
             name="jwtauth",
         )
-        self._begin = (  # lock_timeout 0 would wait for ever: a busy timeout of 0 means as short as can be
-            f"begin; set local lock_timeout = {max(1, int(self.busy_timeout * 1000))};"
+        # lock_timeout 0 would wait for ever: a busy timeout of 0 means as short as can be
+        self._lock_timeout = str(max(1, int(self.busy_timeout * 1000)))
+        self._begin = (
+            f"begin; set local lock_timeout = {self._lock_timeout};"
             f" set local idle_in_transaction_session_timeout = {IDLE_IN_TRANSACTION_MS}"
         )
         self._opened = False
@@ -357,21 +373,22 @@ class PostgresStore:
             return capped.rowcount
 
     def rotate(self, family: str, decide: Callable[[SessionState | None], Decision]) -> Decision:
-        """The session's row is locked until the decision is saved: concurrent rotations wait their turn."""
-        with self._transaction() as cursor:
-            row = cursor.execute(f"{SELECT_SESSION} where family = %s for update of sessions", [family]).fetchone()
-            decision = decide(session_of(row))
-            state = decision.state
-            if decision.outcome == "rotated" and state is not None:
-                cursor.execute(
-                    "update sessions set generation = %s, token_hash = %s, expires_at = %s, spent = %s where id = %s",
-                    [state.generation, state.token_hash, state.expires_at, encode_spent(state.spent), state.id],
-                )
-            elif decision.outcome == "reuse_detected" and state is not None:
-                cursor.execute(
-                    "update sessions set revoked_at = %s, spent = '' where id = %s", [state.revoked_at, state.id]
-                )
-            return decision
+        """rotate_optimistically, in autocommit: a SELECT, and an UPDATE that waits for the row's lock no
+        longer than the busy timeout. Half the client and server CPU of SELECT … FOR UPDATE, UPDATE and
+        COMMIT in a transaction, and a row lock held for one statement, not while the rule runs."""
+        with self._connection() as conn:
+            cursor = conn.cursor()
+
+            def save_rotation(state: SessionState, generation: int) -> bool:
+                columns = [state.generation, state.token_hash, state.expires_at, encode_spent(state.spent)]
+                return cursor.execute(SAVE_ROTATION, [*columns, self._lock_timeout, state.id, generation]).rowcount == 1
+
+            return rotate_optimistically(
+                lambda: session_of(cursor.execute(f"{SELECT_SESSION} where family = %s", [family]).fetchone()),
+                decide,
+                save_rotation,
+                lambda state: cursor.execute(SAVE_REVOCATION, [state.revoked_at, self._lock_timeout, state.id]),
+            )
 
     def find_session(self, family: str) -> SessionState | None:
         return session_of(_first(self._read(f"{SELECT_SESSION} where family = %s", [family])))

@@ -2,7 +2,8 @@
 
 WAL mode; one connection per thread; a write takes the write lock up front (BEGIN IMMEDIATE), so concurrent
 writers in any process wait for it instead of failing half way; a write that other writers keep waiting for
-longer than the busy timeout fails with StoreUnavailableError.
+longer than the busy timeout fails with StoreUnavailableError. A rotation reads its session outside the write
+transaction and saves in one of a single UPDATE (store.rotate_optimistically).
 """
 
 from __future__ import annotations
@@ -24,7 +25,16 @@ from jwtauth.emails import email_problems, normalised_spellings
 from jwtauth.errors import ConflictError, StoreError, StoreUnavailableError
 from jwtauth.keys import FileKeyRepository, KeyRepository
 from jwtauth.sessions import Decision, SessionState, User
-from jwtauth.store import SELECT_SESSION, USER_COLUMNS, USER_FIELDS, Snapshot, encode_spent, session_of, user_of
+from jwtauth.store import (
+    SELECT_SESSION,
+    USER_COLUMNS,
+    USER_FIELDS,
+    Snapshot,
+    encode_spent,
+    rotate_optimistically,
+    session_of,
+    user_of,
+)
 
 T = TypeVar("T")
 
@@ -141,6 +151,11 @@ MIGRATIONS: tuple[tuple[str | Callable[[sqlite3.Connection], None], ...], ...] =
         "create index sessions_live_by_user on sessions(user_id, created_at, expires_at) where revoked_at is null",
     ),
 )
+SAVE_ROTATION = (  # if no other rotation or revocation saved since the session was read (rotate_optimistically)
+    "update sessions set generation = ?, token_hash = ?, expires_at = ?, spent = ?"
+    " where id = ? and generation = ? and revoked_at is null"
+)
+SAVE_REVOCATION = "update sessions set revoked_at = ?, spent = x'' where id = ? and revoked_at is null"
 WRITE_RETRY_FIRST_SECONDS, WRITE_RETRY_MAX_SECONDS = 0.0001, 0.002  # between tries for another process's lock
 SWEEP_BATCH = 500  # rows deleted per transaction by the sweep, so that writers never wait long behind it
 
@@ -408,21 +423,23 @@ class SqliteStore:
             ).rowcount
 
     def rotate(self, family: str, decide: Callable[[SessionState | None], Decision]) -> Decision:
-        """BEGIN IMMEDIATE takes the write lock before the session is read: concurrent rotations of one
-        session, from any thread or process, are decided one after another."""
-        with self._write() as conn:
-            decision = decide(session_of(conn.execute(SELECT_SESSION + " where family = ?", [family]).fetchone()))
-            state = decision.state
-            if decision.outcome == "rotated" and state is not None:
-                conn.execute(
-                    "update sessions set generation = ?, token_hash = ?, expires_at = ?, spent = ? where id = ?",
-                    [state.generation, state.token_hash, state.expires_at, encode_spent(state.spent), state.id],
-                )
-            elif decision.outcome == "reuse_detected" and state is not None:
-                conn.execute(
-                    "update sessions set revoked_at = ?, spent = x'' where id = ?", [state.revoked_at, state.id]
-                )
-            return decision
+        """rotate_optimistically: the session read, then saved in a write transaction of one UPDATE, so that
+        the write lock is held for that statement, not while the rule runs. On the event loop, a write lock
+        held by another process means reading and deciding again after the pause (run)."""
+
+        def save_rotation(state: SessionState, generation: int) -> bool:
+            columns = [state.generation, state.token_hash, state.expires_at, encode_spent(state.spent)]
+            with self._write() as conn:
+                return conn.execute(SAVE_ROTATION, [*columns, state.id, generation]).rowcount == 1
+
+        def save_revocation(state: SessionState) -> None:
+            with self._write() as conn:
+                conn.execute(SAVE_REVOCATION, [state.revoked_at, state.id])
+
+        def read() -> SessionState | None:
+            return session_of(_first(self._read(SELECT_SESSION + " where family = ?", [family])))
+
+        return rotate_optimistically(read, decide, save_rotation, save_revocation)
 
     def find_session(self, family: str) -> SessionState | None:
         return session_of(_first(self._read(SELECT_SESSION + " where family = ?", [family])))
