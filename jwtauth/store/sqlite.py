@@ -150,6 +150,14 @@ MIGRATIONS: tuple[tuple[str | Callable[[sqlite3.Connection], None], ...], ...] =
         # revoked ones stay in the table until the sweep, and a user past the cap leaves one at each login.
         "create index sessions_live_by_user on sessions(user_id, created_at, expires_at) where revoked_at is null",
     ),
+    (
+        # A rotation changes a session's expires_at: no index holds it, so that a rotation writes the table
+        # alone. The sweep scans anyway (its condition is an OR), and the cap reads the few live sessions of one
+        # user from the table.
+        "drop index sessions_by_expiry",
+        "drop index sessions_live_by_user",
+        "create index sessions_live_by_user on sessions(user_id, created_at) where revoked_at is null",
+    ),
 )
 SAVE_ROTATION = (  # if no other rotation or revocation saved since the session was read (rotate_optimistically)
     "update sessions set generation = ?, token_hash = ?, expires_at = ?, spent = ?"
