@@ -218,10 +218,9 @@ class AuthService:
     def _rotate(self, refresh_token: str) -> Decision:
         tokens = self.keyset.refresh_tokens
         presented = tokens.read(refresh_token)
-        if presented is not None and presented.generation is None and self._issued_session(refresh_token) is None:
-            presented = None  # from before generations, so no MAC: a plain read, no lock, until it proves ours
-        if presented is None:
-            return Decision("invalid", "malformed_or_forged")  # made up, truncated or malformed: no lock
+        if presented is None:  # made up, truncated or malformed: never looked up
+            return Decision("invalid", "malformed_or_forged")
+        # One from before generations has no MAC: the rule tells a made-up one by its hash, and nothing is saved.
         fresh = secrets.token_bytes(FRESH_BYTES)
         return self.store.rotate(  # the time is read at each decision, made again if the session changed meanwhile
             presented.family,
