@@ -444,10 +444,7 @@ class SqliteStore:
             with self._write() as conn:
                 conn.execute(SAVE_REVOCATION, [state.revoked_at, state.id])
 
-        def read() -> SessionState | None:
-            return session_of(_first(self._read(SELECT_SESSION + " where family = ?", [family])))
-
-        return rotate_optimistically(read, decide, save_rotation, save_revocation)
+        return rotate_optimistically(lambda: self.find_session(family), decide, save_rotation, save_revocation)
 
     def find_session(self, family: str) -> SessionState | None:
         return session_of(_first(self._read(SELECT_SESSION + " where family = ?", [family])))
