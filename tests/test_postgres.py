@@ -217,6 +217,17 @@ def test_a_session_locked_by_another_transaction_waits_then_goes_on(database: di
     assert 0.5 <= waited < 5
 
 
+def waiting_for_locks(url: str, count: int, timeout: float = 5) -> bool:
+    """Whether `count` of jwtauth's connections come to wait for a lock within the timeout."""
+    sql = "select count(*) from pg_stat_activity where application_name = 'jwtauth' and wait_event_type = 'Lock'"
+    deadline = time.monotonic() + timeout
+    while query(url, sql) != [(count,)]:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 def test_rotations_queued_behind_a_lock_converge_on_the_token_of_the_one_that_saved(
     database: dict[str, str],
 ) -> None:
@@ -229,8 +240,7 @@ def test_rotations_queued_behind_a_lock_converge_on_the_token_of_the_one_that_sa
         with psycopg.connect(database["JWTAUTH_DATABASE"]) as other, concurrent.futures.ThreadPoolExecutor(2) as pool:
             other.execute("select id from sessions for update")
             answers = [pool.submit(refresh, server, token) for server in servers]
-            time.sleep(0.3)  # both have read the session and wait for its row
-            assert not any(answer.done() for answer in answers)
+            assert waiting_for_locks(database["JWTAUTH_DATABASE"], 2)  # both decided, and wait to save
             other.rollback()
             responses = [answer.result() for answer in answers]
         generations = query(database["JWTAUTH_DATABASE"], "select generation, revoked_at from sessions")
