@@ -33,6 +33,7 @@ from jwtauth.errors import (
     UnsupportedGrantTypeError,
 )
 from jwtauth.keys import KeyStore
+from jwtauth.logs import skip_unused_record_fields
 from jwtauth.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from jwtauth.metrics import Metrics
 from jwtauth.openapi import BASE as openapi_base
@@ -424,5 +425,6 @@ def create_app(settings: Settings, clock: Callable[[], float] = time.time) -> St
 
 
 def create_app_from_env() -> Starlette:
-    """The factory `jwtauth serve` hands to uvicorn: settings from the environment."""
+    """The factory `jwtauth serve` hands to uvicorn, run in each worker: settings from the environment."""
+    skip_unused_record_fields()
     return create_app(Settings.from_env())

@@ -22,6 +22,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from jwtauth.cli import main as jwtauth_main
+from jwtauth.logs import skip_unused_record_fields
 
 TOKEN_PAIR_SHAPE = {
     "access_token": "x" * 800,  # an RS256 access token with our claims and a 2048-bit key is ~800 chars
@@ -44,7 +45,8 @@ async def post_json(request: Request) -> Response:
 
 
 def create_app() -> Starlette:
-    """The factory uvicorn loads in each worker."""
+    """The factory uvicorn loads in each worker; it sets up the process's logging as jwtauth's does."""
+    skip_unused_record_fields()
     return Starlette(routes=[Route("/get", get_json, methods=["GET"]), Route("/post", post_json, methods=["POST"])])
 
 

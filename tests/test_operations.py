@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -15,11 +17,14 @@ from pathlib import Path
 import httpx2 as httpx
 import jwt
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
 
 from jwtauth.app import COUNT_SESSIONS_EVERY, create_app
 from jwtauth.config import Settings
+from jwtauth.logs import TextFormatter
 from jwtauth.passwords import PasswordHasher
 from jwtauth.store import is_postgres_url
 
@@ -160,8 +165,23 @@ def test_text_logs_by_default(env: dict[str, str]) -> None:
     httpx.get(f"{server.url}/healthz?access_token=do-not-log-me")
     log = stop_server(server)
 
-    assert "GET /healthz HTTP/1.1" in log
-    assert "do-not-log-me" not in log  # query strings are cut from access lines
+    access = [line for line in log.splitlines() if "GET /healthz" in line]  # start_server's and ours
+    time_level_logger_id = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO uvicorn\.access \[[0-9a-f]{32}\] "
+    assert access and all(
+        re.fullmatch(time_level_logger_id + r'127\.0\.0\.1:\d+ - "GET /healthz HTTP/1\.1" 200', line) for line in access
+    )
+    assert "do-not-log-me" not in log
+
+
+@given(st.lists(st.floats(min_value=0, max_value=4e9), min_size=1, max_size=20))
+def test_text_lines_tell_the_time_as_the_standard_formatter_does(times: list[float]) -> None:
+    """The text formatter keeps the last second's text: records of any times, in any order, read alike."""
+    fmt = "%(asctime)s %(levelname)s %(name)s %(message)s"
+    ours, standard = TextFormatter(fmt), logging.Formatter(fmt)
+    for created in times:
+        record = logging.LogRecord("jwtauth.audit", logging.INFO, "", 0, "refresh sid=%s", ("s",), None)
+        record.created, record.msecs = created, int((created - int(created)) * 1000) + 0.0
+        assert ours.format(record) == standard.format(record)
 
 
 # Registration
