@@ -205,8 +205,9 @@ class RefreshTokens:
 
     def __init__(self, secret: bytes) -> None:
         self.secret = secret
-        self._mac_key = _derive(secret, b"jwtauth refresh-token mac")
-        self._seal_salt = _derive(secret, b"jwtauth refresh-token seal")
+        # Keyed HMAC states, copied for each message: cheaper than keying a new one each time.
+        self._mac_state = hmac.new(_derive(secret, b"jwtauth refresh-token mac"), digestmod=hashlib.sha256)
+        self._seal_state = hmac.new(_derive(secret, b"jwtauth refresh-token seal"), digestmod=hashlib.sha256)
 
     def mint(self, family: str, generation: int, secret: bytes) -> str:
         """Return the token of `family` at `generation` whose secret part is `secret` (32 random bytes)."""
@@ -239,12 +240,16 @@ class RefreshTokens:
             return None
 
     def _mac(self, body: str) -> str:
-        return _b64(hmac.digest(self._mac_key, body.encode(), "sha256")[:16])
+        mac = self._mac_state.copy()
+        mac.update(body.encode())
+        return _b64(mac.digest()[:16])
 
     def _sealing_key(self, parent: str) -> bytes:
         # HMAC under a key of the server's (HKDF's extract step): the parent token, 256 random bits and
         # more, is the input keying material; the database holds only its SHA-256, an unrelated function.
-        return hmac.digest(self._seal_salt, parent.encode(), "sha256")
+        key = self._seal_state.copy()
+        key.update(parent.encode())
+        return key.digest()
 
 
 def hash_refresh_token(token: str) -> str:

@@ -96,6 +96,21 @@ def test_a_token_is_read_back_with_its_parts() -> None:
     assert RefreshTokens(b"other secret").read(token) is None
 
 
+def test_the_token_format_and_its_seal_stay_what_earlier_releases_wrote() -> None:
+    """Tokens already issued, and successors already sealed, must still be read and opened: the MAC and the
+    sealing key of a given secret never change."""
+    tokens = RefreshTokens(b"k" * 32)
+    token = tokens.mint("A" * 22, 7, bytes(range(32)))
+    sealed = bytes.fromhex(
+        "000000000000000000000000847b44414714640eb42bbeead5af7b882d2740b126e4959f"
+        "8c40a7e21454c76ff9bed2684ab7cfda3d0e9b09529b3271"
+    )
+
+    assert token == "AAAAAAAAAAAAAAAAAAAAAA.7.AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8.YfDZcqOccexXUfLIvXUDFQ"
+    assert tokens.seal(token, bytes(32), bytes(12)) == sealed
+    assert tokens.open(token, sealed) == bytes(32)
+
+
 def test_a_sealed_successor_opens_only_with_its_parent() -> None:
     sealed = TOKENS.seal("parent", b"the successor's secret", b"n" * 12)
 
