@@ -263,6 +263,26 @@ class SqliteStore:
                 self._write_lock.release()
                 self._set_waits(conn, True)
 
+    def _write_one(self, sql: str, parameters: Sequence[object]) -> int:
+        """One statement as a write transaction of its own; the number of rows it changed. On the event loop,
+        SQLite's implicit transaction around the statement (two statements fewer than BEGIN and COMMIT), which
+        raises _WouldBlock at once if another connection holds the write lock; in a thread, _write's.
+
+        Raises:
+            StoreUnavailableError: the locks stayed taken for the whole busy timeout.
+        """
+        if not self._inline:
+            with self._write() as conn:
+                return conn.execute(sql, parameters).rowcount
+        conn = self._conn
+        self._set_waits(conn, False)
+        try:
+            return conn.execute(sql, parameters).rowcount
+        except sqlite3.OperationalError as exc:
+            if not _is_busy(exc):
+                raise
+            raise _WouldBlock from exc
+
     def _begin_write(self, conn: sqlite3.Connection, wait: bool) -> None:
         """BEGIN IMMEDIATE, tried again while another process holds the lock, for up to the busy timeout.
 
@@ -437,12 +457,10 @@ class SqliteStore:
 
         def save_rotation(state: SessionState, generation: int) -> bool:
             columns = [state.generation, state.token_hash, state.expires_at, encode_spent(state.spent)]
-            with self._write() as conn:
-                return conn.execute(SAVE_ROTATION, [*columns, state.id, generation]).rowcount == 1
+            return self._write_one(SAVE_ROTATION, [*columns, state.id, generation]) == 1
 
         def save_revocation(state: SessionState) -> None:
-            with self._write() as conn:
-                conn.execute(SAVE_REVOCATION, [state.revoked_at, state.id])
+            self._write_one(SAVE_REVOCATION, [state.revoked_at, state.id])
 
         return rotate_optimistically(lambda: self.find_session(family), decide, save_rotation, save_revocation)
 
