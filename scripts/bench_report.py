@@ -159,7 +159,7 @@ def summary_lines(runs: Results) -> list[str]:
             targets.append((f"{label}: refresh ratio with `--workers 2` / with `--workers 1`", ratio, 0.90))
     if targets:
         lines += ["", "| target | measured | wanted | met |", "|---|--:|--:|---|"]
-        lines += [f"| {name} | {value:.0%} | ≥ {wanted:.0%} | {verdict(value >= wanted)} |"
+        lines += [f"| {name} | {value:.1%} | ≥ {wanted:.0%} | {verdict(value >= wanted)} |"
                   for name, value, wanted in targets]  # fmt: skip
     return [*lines, ""]
 
