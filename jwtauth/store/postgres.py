@@ -129,6 +129,7 @@ IDLE_IN_TRANSACTION_MS = 30_000  # a transaction left open by a node that stoppe
 # parameter, in ms): set_config runs before the row is locked, and `true` keeps the setting to the statement's
 # own implicit transaction, so behind PgBouncer in transaction mode too.
 LOCK_TIMEOUT = "(select set_config('lock_timeout', %s, true)) as statement_settings"
+FIND_SESSION = f"{SELECT_SESSION} where family = %s"
 SAVE_ROTATION = (  # if no other rotation or revocation saved since the session was read
     "update sessions set generation = %s, token_hash = %s, expires_at = %s, spent = %s"
     f" from {LOCK_TIMEOUT} where id = %s and generation = %s and revoked_at is null"
@@ -392,14 +393,14 @@ class PostgresStore:
                 return cursor.execute(SAVE_ROTATION, [*columns, self._lock_timeout, state.id, generation]).rowcount == 1
 
             return rotate_optimistically(
-                lambda: session_of(cursor.execute(f"{SELECT_SESSION} where family = %s", [family]).fetchone()),
+                lambda: session_of(cursor.execute(FIND_SESSION, [family]).fetchone()),
                 decide,
                 save_rotation,
                 lambda state: cursor.execute(SAVE_REVOCATION, [state.revoked_at, self._lock_timeout, state.id]),
             )
 
     def find_session(self, family: str) -> SessionState | None:
-        return session_of(_first(self._read(f"{SELECT_SESSION} where family = %s", [family])))
+        return session_of(_first(self._read(FIND_SESSION, [family])))
 
     def revoke_session(self, session_id: str, now: float) -> int:
         return self._revoke("id = %s", [session_id], now)

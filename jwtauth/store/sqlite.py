@@ -265,8 +265,8 @@ class SqliteStore:
 
     def _write_one(self, sql: str, parameters: Sequence[object]) -> int:
         """One statement as a write transaction of its own; the number of rows it changed. On the event loop,
-        SQLite's implicit transaction around the statement (two statements fewer than BEGIN and COMMIT), which
-        raises _WouldBlock at once if another connection holds the write lock; in a thread, _write's.
+        SQLite's implicit transaction around the statement (two statements fewer than BEGIN and COMMIT); in a
+        thread, _write's.
 
         Raises:
             StoreUnavailableError: the locks stayed taken for the whole busy timeout.
@@ -274,14 +274,7 @@ class SqliteStore:
         if not self._inline:
             with self._write() as conn:
                 return conn.execute(sql, parameters).rowcount
-        conn = self._conn
-        self._set_waits(conn, False)
-        try:
-            return conn.execute(sql, parameters).rowcount
-        except sqlite3.OperationalError as exc:
-            if not _is_busy(exc):
-                raise
-            raise _WouldBlock from exc
+        return self._execute(sql, parameters).rowcount
 
     def _begin_write(self, conn: sqlite3.Connection, wait: bool) -> None:
         """BEGIN IMMEDIATE, tried again while another process holds the lock, for up to the busy timeout.
@@ -313,11 +306,20 @@ class SqliteStore:
         Raises:
             StoreUnavailableError: the database stayed locked for the busy timeout.
         """
+        return self._execute(sql, parameters).fetchall()
+
+    def _execute(self, sql: str, parameters: Sequence[object]) -> sqlite3.Cursor:
+        """One statement outside any transaction of ours. On the event loop (run) it never waits: a lock held by
+        another connection raises _WouldBlock at once; in a thread it waits for the busy timeout.
+
+        Raises:
+            StoreUnavailableError: the database stayed locked for the busy timeout.
+        """
         conn = self._conn
         if self._inline:
             self._set_waits(conn, False)
         try:
-            return conn.execute(sql, parameters).fetchall()
+            return conn.execute(sql, parameters)
         except sqlite3.OperationalError as exc:
             if not _is_busy(exc):
                 raise
