@@ -146,8 +146,12 @@ class AuthService:
         if user is None or user.last_login_key != address_key:  # failures elsewhere cannot lock the owner out
             limits[_throttle_key(email, "\x01account")] = self.settings.login_max_failures_per_account
         self._take_attempt(limits, "login_throttled", address)
-        pair = self._check_credentials(user, password, address_key)
-        self.store.forgive_login_attempt(reset=pair_key, release=[key for key in limits if key != pair_key])
+        user = self._check_credentials(user, password)
+        # The session starts and the attempt is forgiven in one transaction (Store.start_session).
+        pair = self._start_session(
+            user, address_key, reset=pair_key, release=[key for key in limits if key != pair_key]
+        )
+        self._audit("login_succeeded", user=user.id)
         return pair
 
     @answers_store_errors
@@ -178,7 +182,12 @@ class AuthService:
             self._audit(throttled_event, address=address)
             raise SlowDownError(retry_after)
 
-    def _check_credentials(self, user: User | None, password: str, address_key: str) -> TokenPair:
+    def _check_credentials(self, user: User | None, password: str) -> User:
+        """The user, if the password is theirs and they are not disabled.
+
+        Raises:
+            InvalidGrantError: unknown email, wrong password or disabled user, all alike.
+        """
         if user is None:
             self.hasher.verify_dummy(password)  # as long as a wrong password takes
             self._audit("login_failed", reason="unknown_email")
@@ -188,9 +197,7 @@ class AuthService:
             raise InvalidGrantError(BAD_CREDENTIALS)
         if self.hasher.needs_rehash(user.password_hash):
             self.store.set_password_hash(user.id, self.hasher.hash(password), self.now())
-        pair = self._start_session(user, address_key)
-        self._audit("login_succeeded", user=user.id)
-        return pair
+        return user
 
     async def refresh(self, refresh_token: str) -> TokenPair:
         """Rotate a refresh token: spend it and return a new pair in the same session (RFC 9700 §4.14.2); a
@@ -354,12 +361,12 @@ class AuthService:
             now=self.clock(),
         )
 
-    def _start_session(self, user: User, address_key: str) -> TokenPair:
+    def _start_session(self, user: User, address_key: str, reset: str, release: list[str]) -> TokenPair:
         now = self.clock()
         family, ttl = new_family_id(), self.settings.refresh_ttl
         refresh_token = self.keyset.refresh_tokens.mint(family, 0, secrets.token_bytes(32))
         session = SessionState(new_session_id(), family, user, now, 0, hash_refresh_token(refresh_token), now + ttl)
-        ended = self.store.start_session(session, self.settings.max_sessions_per_user, address_key)
+        ended = self.store.start_session(session, self.settings.max_sessions_per_user, address_key, reset, release)
         if ended:
             self._audit("sessions_capped", user=user.id, count=ended)
         return TokenPair(self._access_token(user, session.id, int(now)), self.settings.access_ttl, refresh_token, ttl)

@@ -43,7 +43,7 @@ def new_session(user: User, created_at: float = NOW, ttl: float = 3600) -> Sessi
 
 def started(store: Store, user: User, created_at: float = NOW, ttl: float = 3600) -> SessionState:
     session = new_session(user, created_at, ttl)
-    store.start_session(session, 100, "address-key")
+    store.start_session(session, 100, "address-key", "pair", [])
     return session
 
 
@@ -97,7 +97,7 @@ def test_starting_a_session_beyond_the_cap_ends_the_oldest(store: Store) -> None
     others = started(store, other)
     sessions = [started(store, user, NOW + index) for index in range(3)]
 
-    ended = store.start_session(new_session(user, NOW + 3), 3, "address-key")
+    ended = store.start_session(new_session(user, NOW + 3), 3, "address-key", "pair", [])
 
     assert ended == 1
     assert store.find_session_user(sessions[0].id) is None
@@ -112,7 +112,7 @@ def test_the_cap_never_ends_the_session_being_started(store: Store) -> None:
     sessions = [started(store, user, NOW + 1) for _ in range(3)]
     late = new_session(user, NOW)
 
-    ended = store.start_session(late, 3, "address-key")
+    ended = store.start_session(late, 3, "address-key", "pair", [])
 
     assert ended == 1
     assert store.find_session_user(late.id) is not None
@@ -237,12 +237,12 @@ def test_attempts_are_counted_per_key_until_a_limit_and_its_window_passes(store:
     assert store.take_login_attempt(limits, now + 60, 60) is None  # a new window
 
 
-def test_forgiving_resets_one_key_and_releases_the_others(store: Store) -> None:
+def test_a_login_forgives_its_attempt_resetting_one_key_and_releasing_the_others(store: Store) -> None:
     now = int(NOW)
     for _ in range(2):
         store.take_login_attempt({"pair": 2, "address": 2}, now, 60)
 
-    store.forgive_login_attempt(reset="pair", release=["address"])
+    store.start_session(new_session(new_user(store), NOW), 100, "address-key", "pair", ["address"])
 
     assert store.take_login_attempt({"pair": 2, "address": 2}, now, 60) is None  # address at 1 + 1 = 2
     assert store.take_login_attempt({"address": 2}, now, 60) == 60

@@ -98,11 +98,15 @@ class Store(Protocol):
 
     # Sessions
 
-    def start_session(self, session: SessionState, max_sessions: int, address_key: str) -> int:
-        """Store a new session; end the user's oldest live sessions beyond `max_sessions`, never the new one
-        (it counts as the newest, even if another has the same created_at); remember `address_key` as the
-        user's last login address. Return how many sessions that ended. Concurrent calls for one user never
-        leave more than `max_sessions` live."""
+    def start_session(
+        self, session: SessionState, max_sessions: int, address_key: str, reset: str, release: Sequence[str]
+    ) -> int:
+        """A successful login, in one transaction: store its new session; end the user's oldest live sessions
+        beyond `max_sessions`, never the new one (it counts as the newest, even if another has the same
+        created_at); remember `address_key` as the user's last login address; and forgive the attempt the
+        login counted (take_login_attempt): clear the count under `reset`, take back one attempt under each
+        of `release`. Return how many sessions that ended. Concurrent calls for one user never leave more
+        than `max_sessions` live."""
 
     def rotate(self, family: str, decide: Callable[[SessionState | None], Decision]) -> Decision:
         """Call `decide` on the state of the session of `family` (None if there is none), save what the
@@ -142,10 +146,6 @@ class Store(Protocol):
         """Count one attempt under each key, unless a key has reached its limit in its current window.
         Atomic: concurrent attempts from any number of processes never get past a limit. Return None if
         the attempt may go on, else the seconds until the last window that blocks it ends."""
-
-    def forgive_login_attempt(self, reset: str, release: Sequence[str]) -> None:
-        """After a successful login: clear the count under `reset`, take back one attempt under each of
-        `release`."""
 
     # Moving a deployment (jwtauth db copy-to)
 

@@ -364,7 +364,9 @@ class PostgresStore:
 
     # Sessions
 
-    def start_session(self, session: SessionState, max_sessions: int, address_key: str) -> int:
+    def start_session(
+        self, session: SessionState, max_sessions: int, address_key: str, reset: str, release: Sequence[str]
+    ) -> int:
         with self._transaction() as cursor:
             _insert_session(cursor, session)
             # The user's row stays locked until the commit: concurrent logins of one user take their turns
@@ -378,8 +380,9 @@ class PostgresStore:
                 " where user_id = %(user)s and id <> %(new)s and revoked_at is null and expires_at > %(now)s"
                 " order by created_at desc offset %(keep)s)",
                 {"now": session.created_at, "user": session.user.id, "new": session.id, "keep": max_sessions - 1},
-            )
-            return capped.rowcount
+            ).rowcount
+            _forgive(cursor, reset, release)
+            return capped
 
     def rotate(self, family: str, decide: Callable[[SessionState | None], Decision]) -> Decision:
         """rotate_optimistically, in autocommit: a SELECT, and an UPDATE that waits for the row's lock no
@@ -476,12 +479,6 @@ class PostgresStore:
         except _Blocked:
             return max(blocked)
         return None
-
-    def forgive_login_attempt(self, reset: str, release: Sequence[str]) -> None:
-        with self._transaction() as cursor:
-            cursor.execute("delete from login_attempts where key = %s", [reset])
-            for key in sorted(release):
-                cursor.execute("update login_attempts set attempts = greatest(attempts - 1, 0) where key = %s", [key])
 
     # Moving a deployment
 
@@ -590,6 +587,13 @@ def _read_keys(cursor: Cursor[Row]) -> StoredKeys | None:
     entries = tuple(KeyEntry(*row[:6]) for row in rows)
     secret = secret_row[0].encode() if secret_row and secret_row[0] else None
     return StoredKeys(entries, {row[0]: row[6].encode() for row in rows}, secret)
+
+
+def _forgive(cursor: Cursor[Row], reset: str, release: Sequence[str]) -> None:
+    """Clear the count under `reset`, take back one attempt under each of `release` (Store.start_session)."""
+    cursor.execute("delete from login_attempts where key = %s", [reset])
+    for key in sorted(release):  # one order for every process: no deadlock between them
+        cursor.execute("update login_attempts set attempts = greatest(attempts - 1, 0) where key = %s", [key])
 
 
 def _insert_session(cursor: Cursor[Row], session: SessionState) -> None:

@@ -191,13 +191,16 @@ class SqliteStore:
             if not self.path.exists():  # SQLite gives the -wal and -shm files the database file's mode
                 with contextlib.suppress(FileExistsError):
                     os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-            # A thread's reads wait for the busy timeout (the event loop's do not: see run); in WAL mode
-            # reads meet a lock only in rare moments, such as another process checkpointing as it closes.
+            # Set up with SQLite's busy handler on (the first statement reads the schema, which a process that
+            # creates or recovers the database may hold locked), then off: it sleeps 1, 2, 5, 10, … 100 ms
+            # between tries, so that a statement waiting behind transactions of a tenth of a millisecond
+            # (another worker's logins and refreshes) would sleep far longer than the lock is held.
+            # _retry_while_busy waits instead.
             conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None)
             conn.execute("pragma foreign_keys = on")
             conn.execute("pragma synchronous = normal")  # durable in WAL mode, fsyncs only at checkpoints
+            conn.execute("pragma busy_timeout = 0")
             self._local.conn = conn
-            self._local.waits = True
         return conn
 
     @property
@@ -205,11 +208,39 @@ class SqliteStore:
         """Whether this thread is the event loop trying work inline (run), which must never wait for a lock."""
         return bool(getattr(self._local, "inline", False))
 
-    def _set_waits(self, conn: sqlite3.Connection, waits: bool) -> None:
-        """Let SQLite wait for locks for the busy timeout, or not at all; a pragma only on a change."""
-        if self._local.waits != waits:
-            conn.execute(f"pragma busy_timeout = {int(self.busy_timeout * 1000) if waits else 0}")
-            self._local.waits = waits
+    def _retry_while_busy(self, statement: Callable[[], T]) -> T:
+        """Run `statement`; while another connection holds the lock it needs, try again after 0.1 ms, doubling
+        up to 2 ms, for up to the busy timeout. On the event loop (run) nothing waits: _WouldBlock at once.
+
+        Raises:
+            StoreUnavailableError: the lock stayed taken for the whole busy timeout.
+        """
+        deadline, delay = 0.0, WRITE_RETRY_FIRST_SECONDS
+        while True:
+            try:
+                return statement()
+            except sqlite3.OperationalError as exc:
+                if not _is_busy(exc):
+                    raise
+                if self._inline:
+                    raise _WouldBlock from exc
+                now = time.monotonic()
+                deadline = deadline or now + self.busy_timeout
+                if now >= deadline:
+                    raise StoreUnavailableError("the database is busy") from exc
+            time.sleep(min(delay, deadline - now))
+            delay = min(delay * 2, WRITE_RETRY_MAX_SECONDS)
+
+    @contextmanager
+    def _waiting(self) -> Iterator[sqlite3.Connection]:
+        """This thread's connection with SQLite's busy handler on for the busy timeout, for what runs seldom
+        and may meet a lock anywhere (switching to WAL, checking, backing up)."""
+        conn = self._conn
+        conn.execute(f"pragma busy_timeout = {int(self.busy_timeout * 1000)}")
+        try:
+            yield conn
+        finally:
+            conn.execute("pragma busy_timeout = 0")
 
     async def run(self, work: Callable[[], T]) -> T:
         """Do `work` on the event loop, never waiting there for a lock (a rotation is shorter than a hop to a
@@ -238,7 +269,8 @@ class SqliteStore:
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction that takes the database's write lock at once (BEGIN IMMEDIATE).
+        """One write transaction that takes the database's write lock at once (BEGIN IMMEDIATE), its
+        statements then meeting no lock.
 
         Waiting writers of this process queue on a thread lock first, so that only one of them polls
         SQLite. On the event loop (run) nothing waits: a lock held by another writer raises _WouldBlock.
@@ -250,8 +282,7 @@ class SqliteStore:
         if wait and not self._write_lock.acquire(timeout=self.busy_timeout):
             raise StoreUnavailableError("the database is busy")
         try:
-            self._set_waits(conn, False)  # _begin_write waits for the write lock itself
-            self._begin_write(conn, wait)
+            self._retry_while_busy(lambda: conn.execute("begin immediate"))
             try:
                 yield conn
                 conn.execute("commit")
@@ -261,7 +292,6 @@ class SqliteStore:
         finally:
             if wait:
                 self._write_lock.release()
-                self._set_waits(conn, True)
 
     def _write_one(self, sql: str, parameters: Sequence[object]) -> int:
         """One statement as a write transaction of its own; the number of rows it changed. On the event loop,
@@ -276,30 +306,6 @@ class SqliteStore:
                 return conn.execute(sql, parameters).rowcount
         return self._execute(sql, parameters).rowcount
 
-    def _begin_write(self, conn: sqlite3.Connection, wait: bool) -> None:
-        """BEGIN IMMEDIATE, tried again while another process holds the lock, for up to the busy timeout.
-
-        SQLite's own busy handler sleeps 1, 2, 5, 10, … 100 ms between tries, so that a writer waiting
-        behind transactions of a tenth of a millisecond (another worker's refreshes) sleeps for far longer
-        than the lock is held. This one tries again after 0.1 ms, doubling up to 2 ms.
-        """
-        deadline, delay = 0.0, WRITE_RETRY_FIRST_SECONDS
-        while True:
-            try:
-                conn.execute("begin immediate")
-                return
-            except sqlite3.OperationalError as exc:
-                if not _is_busy(exc):
-                    raise
-                if not wait:
-                    raise _WouldBlock from exc
-                now = time.monotonic()
-                deadline = deadline or now + self.busy_timeout
-                if now >= deadline:
-                    raise StoreUnavailableError("the database is busy") from exc
-            time.sleep(min(delay, deadline - now))
-            delay = min(delay * 2, WRITE_RETRY_MAX_SECONDS)
-
     def _read(self, sql: str, parameters: Sequence[object] = ()) -> list[Any]:
         """Every row of a query.
 
@@ -309,34 +315,25 @@ class SqliteStore:
         return self._execute(sql, parameters).fetchall()
 
     def _execute(self, sql: str, parameters: Sequence[object]) -> sqlite3.Cursor:
-        """One statement outside any transaction of ours. On the event loop (run) it never waits: a lock held by
-        another connection raises _WouldBlock at once; in a thread it waits for the busy timeout.
+        """One statement outside any transaction of ours (_retry_while_busy). In WAL mode a read meets a lock
+        only in rare moments, such as another process checkpointing as it closes.
 
         Raises:
             StoreUnavailableError: the database stayed locked for the busy timeout.
         """
         conn = self._conn
-        if self._inline:
-            self._set_waits(conn, False)
-        try:
-            return conn.execute(sql, parameters)
-        except sqlite3.OperationalError as exc:
-            if not _is_busy(exc):
-                raise
-            if self._inline:
-                raise _WouldBlock from exc
-            raise StoreUnavailableError("the database is busy") from exc
+        return self._retry_while_busy(lambda: conn.execute(sql, parameters))
 
     # The database as a whole
 
     def migrate(self) -> None:
         try:
-            conn = self._conn
             for suffix in ("", "-wal", "-shm"):  # a database made by an older jwtauth may be readable by all
                 with contextlib.suppress(FileNotFoundError):
                     os.chmod(f"{self.path}{suffix}", 0o600)
-            conn.execute("pragma journal_mode = wal")
-            with self._write():
+            with self._waiting() as conn:  # SQLite skips its busy handler where waiting could deadlock: retried
+                self._retry_while_busy(lambda: conn.execute("pragma journal_mode = wal"))
+            with self._write() as conn:
                 version = int(conn.execute("pragma user_version").fetchone()[0])
                 if version > len(MIGRATIONS):
                     raise StoreError(f"database {self.path} has schema {version}, newer than this jwtauth knows")
@@ -354,7 +351,6 @@ class SqliteStore:
         if conn is not None:
             conn.close()
             self._local.conn = None
-            self._local.waits = True
 
     def is_usable(self) -> bool:
         try:
@@ -368,10 +364,10 @@ class SqliteStore:
         if not self.path.exists():
             raise StoreError(f"no database at {self.path}")
         try:
-            conn = self._conn
-            problems = [str(row[0]) for row in conn.execute("pragma integrity_check").fetchall() if row[0] != "ok"]
-            foreign = conn.execute("pragma foreign_key_check").fetchall()
-            emails = email_problems(row[0] for row in conn.execute("select email from users"))
+            with self._waiting() as conn:
+                problems = [str(row[0]) for row in conn.execute("pragma integrity_check").fetchall() if row[0] != "ok"]
+                foreign = conn.execute("pragma foreign_key_check").fetchall()
+                emails = email_problems(row[0] for row in conn.execute("select email from users"))
         except sqlite3.DatabaseError as exc:  # too damaged to check at all
             return [str(exc)]
         return problems + [f"foreign key broken: {row[0]} row {row[1]}" for row in foreign] + emails
@@ -390,8 +386,8 @@ class SqliteStore:
         try:
             temporary.unlink(missing_ok=True)
             os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))  # it holds the password hashes
-            with contextlib.closing(sqlite3.connect(temporary)) as copy:
-                self._conn.backup(copy)
+            with contextlib.closing(sqlite3.connect(temporary)) as copy, self._waiting() as conn:
+                conn.backup(copy)
             os.replace(temporary, target)
         except (OSError, sqlite3.Error) as exc:
             temporary.unlink(missing_ok=True)
@@ -439,18 +435,25 @@ class SqliteStore:
 
     # Sessions
 
-    def start_session(self, session: SessionState, max_sessions: int, address_key: str) -> int:
+    def start_session(
+        self, session: SessionState, max_sessions: int, address_key: str, reset: str, release: Sequence[str]
+    ) -> int:
         with self._write() as conn:
             _insert_session(conn, session)
             conn.execute("update users set last_login_key = ? where id = ?", [address_key, session.user.id])
             # The new session is the newest whatever its created_at (another login may bear the same time):
             # it is kept, and of the others the newest max_sessions - 1.
-            return conn.execute(
+            ended = conn.execute(
                 "update sessions set revoked_at = ?1 where id in (select id from sessions where user_id = ?2"
                 " and id != ?4 and revoked_at is null and expires_at > ?1 order by created_at desc"
                 " limit -1 offset ?3)",
                 [session.created_at, session.user.id, max_sessions - 1, session.id],
             ).rowcount
+            conn.execute("delete from login_attempts where key = ?", [reset])
+            conn.executemany(
+                "update login_attempts set attempts = max(attempts - 1, 0) where key = ?", [[key] for key in release]
+            )
+            return ended
 
     def rotate(self, family: str, decide: Callable[[SessionState | None], Decision]) -> Decision:
         """rotate_optimistically: the session read, then saved in a write transaction of one UPDATE, so that
@@ -518,29 +521,21 @@ class SqliteStore:
 
     def take_login_attempt(self, limits: dict[str, int], now: int, window: int) -> int | None:
         """Counted before the password is checked, in one write transaction."""
+        keys = list(limits)
         with self._write() as conn:
-            rows = {
-                key: conn.execute("select window_start, attempts from login_attempts where key = ?", [key]).fetchone()
-                for key in limits
-            }
-            live = {key: row for key, row in rows.items() if row is not None and row[0] + window > now}
-            blocked = [int(row[0]) + window - now for key, row in live.items() if row[1] >= limits[key]]
+            rows = conn.execute(
+                f"select key, window_start, attempts from login_attempts where key in ({', '.join('?' * len(keys))})",
+                keys,
+            ).fetchall()
+            live = {key: (start, attempts) for key, start, attempts in rows if start + window > now}
+            blocked = [int(start) + window - now for key, (start, attempts) in live.items() if attempts >= limits[key]]
             if blocked:
                 return max(blocked)
-            for key in limits:
-                start, attempts = live.get(key, (now, 0))
-                conn.execute(
-                    "insert or replace into login_attempts (key, window_start, attempts) values (?, ?, ?)",
-                    [key, start, attempts + 1],
-                )
-        return None
-
-    def forgive_login_attempt(self, reset: str, release: Sequence[str]) -> None:
-        with self._write() as conn:
-            conn.execute("delete from login_attempts where key = ?", [reset])
             conn.executemany(
-                "update login_attempts set attempts = max(attempts - 1, 0) where key = ?", [[key] for key in release]
+                "insert or replace into login_attempts (key, window_start, attempts) values (?, ?, ?)",
+                [(key, *_counted(live.get(key), now)) for key in keys],
             )
+        return None
 
     # Moving a deployment
 
@@ -578,6 +573,12 @@ def _insert_session(conn: sqlite3.Connection, session: SessionState) -> None:
         [session.id, session.family, session.user.id, session.created_at, session.generation, session.token_hash,
          session.expires_at, encode_spent(session.spent), session.legacy_hash],
     )  # fmt: skip
+
+
+def _counted(row: tuple[int, int] | None, now: int) -> tuple[int, int]:
+    """A key's window start and count with one more attempt: in its live window, else in one from now."""
+    start, attempts = row if row is not None else (now, 0)
+    return start, attempts + 1
 
 
 def _first(rows: list[Any]) -> Any:
