@@ -381,7 +381,9 @@ class PostgresStore:
                 " order by created_at desc offset %(keep)s)",
                 {"now": session.created_at, "user": session.user.id, "new": session.id, "keep": max_sessions - 1},
             ).rowcount
-            _forgive(cursor, reset, release)
+            cursor.execute("delete from login_attempts where key = %s", [reset])
+            for key in sorted(release):  # one order for every process: no deadlock between them
+                cursor.execute("update login_attempts set attempts = greatest(attempts - 1, 0) where key = %s", [key])
             return capped
 
     def rotate(self, family: str, decide: Callable[[SessionState | None], Decision]) -> Decision:
@@ -587,13 +589,6 @@ def _read_keys(cursor: Cursor[Row]) -> StoredKeys | None:
     entries = tuple(KeyEntry(*row[:6]) for row in rows)
     secret = secret_row[0].encode() if secret_row and secret_row[0] else None
     return StoredKeys(entries, {row[0]: row[6].encode() for row in rows}, secret)
-
-
-def _forgive(cursor: Cursor[Row], reset: str, release: Sequence[str]) -> None:
-    """Clear the count under `reset`, take back one attempt under each of `release` (Store.start_session)."""
-    cursor.execute("delete from login_attempts where key = %s", [reset])
-    for key in sorted(release):  # one order for every process: no deadlock between them
-        cursor.execute("update login_attempts set attempts = greatest(attempts - 1, 0) where key = %s", [key])
 
 
 def _insert_session(cursor: Cursor[Row], session: SessionState) -> None:

@@ -215,7 +215,7 @@ class SqliteStore:
         Raises:
             StoreUnavailableError: the lock stayed taken for the whole busy timeout.
         """
-        deadline, delay = 0.0, WRITE_RETRY_FIRST_SECONDS
+        pauses = _pauses(self.busy_timeout)
         while True:
             try:
                 return statement()
@@ -224,12 +224,10 @@ class SqliteStore:
                     raise
                 if self._inline:
                     raise _WouldBlock from exc
-                now = time.monotonic()
-                deadline = deadline or now + self.busy_timeout
-                if now >= deadline:
+                pause = next(pauses, None)
+                if pause is None:
                     raise StoreUnavailableError("the database is busy") from exc
-            time.sleep(min(delay, deadline - now))
-            delay = min(delay * 2, WRITE_RETRY_MAX_SECONDS)
+            time.sleep(pause)
 
     @contextmanager
     def _waiting(self) -> Iterator[sqlite3.Connection]:
@@ -251,7 +249,7 @@ class SqliteStore:
         Raises:
             StoreUnavailableError: the lock stayed taken for the whole busy timeout.
         """
-        deadline, delay = 0.0, WRITE_RETRY_FIRST_SECONDS
+        pauses = _pauses(self.busy_timeout)
         while True:
             self._local.inline = True
             try:
@@ -260,12 +258,10 @@ class SqliteStore:
                 pass
             finally:
                 self._local.inline = False
-            now = time.monotonic()
-            deadline = deadline or now + self.busy_timeout
-            if now >= deadline:
+            pause = next(pauses, None)
+            if pause is None:
                 raise StoreUnavailableError("the database is busy")
-            await anyio.sleep(min(delay, deadline - now))
-            delay = min(delay * 2, WRITE_RETRY_MAX_SECONDS)
+            await anyio.sleep(pause)
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
@@ -579,6 +575,15 @@ def _counted(row: tuple[int, int] | None, now: int) -> tuple[int, int]:
     """A key's window start and count with one more attempt: in its live window, else in one from now."""
     start, attempts = row if row is not None else (now, 0)
     return start, attempts + 1
+
+
+def _pauses(busy_timeout: float) -> Iterator[float]:
+    """The pauses between tries for a lock that another connection holds: 0.1 ms, doubling up to 2 ms, until
+    the busy timeout has passed since the first was asked for."""
+    deadline, delay = time.monotonic() + busy_timeout, WRITE_RETRY_FIRST_SECONDS
+    while (left := deadline - time.monotonic()) > 0:
+        yield min(delay, left)
+        delay = min(delay * 2, WRITE_RETRY_MAX_SECONDS)
 
 
 def _first(rows: list[Any]) -> Any:
