@@ -38,6 +38,7 @@ from jwtauth.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from jwtauth.metrics import Metrics
 from jwtauth.openapi import BASE as openapi_base
 from jwtauth.passwords import MAX_PASSWORD_LENGTH, PasswordHasher
+from jwtauth.server import on_every_cpu, take_cpu
 from jwtauth.service import MAX_NAME_LENGTH, AuthService
 from jwtauth.store import open_store
 from jwtauth.web import (
@@ -343,7 +344,7 @@ class HashingQueue:
             raise TemporarilyUnavailableError("too many logins wait for a password check; try again shortly")
         self.calls += 1
         try:
-            return await anyio.to_thread.run_sync(call, limiter=self.limiter)
+            return await anyio.to_thread.run_sync(functools.partial(on_every_cpu, call), limiter=self.limiter)
         finally:
             self.calls -= 1
 
@@ -357,6 +358,7 @@ async def maintain(service: AuthService, metrics: Metrics) -> None:
     seconds (so that a scrape costs the same at any size) and sweep the database once a minute."""
     failing = False
     for tick in itertools.count(0):
+        take_cpu(service.settings.cpu_slots)  # a worker started beside the one it replaces (SIGHUP) takes its CPU
         try:
             if tick % COUNT_SESSIONS_EVERY == 0:
                 await anyio.to_thread.run_sync(metrics.count_sessions)
@@ -427,4 +429,6 @@ def create_app(settings: Settings, clock: Callable[[], float] = time.time) -> St
 def create_app_from_env() -> Starlette:
     """The factory `jwtauth serve` hands to uvicorn, run in each worker: settings from the environment."""
     skip_unused_record_fields()
-    return create_app(Settings.from_env())
+    settings = Settings.from_env()
+    take_cpu(settings.cpu_slots)
+    return create_app(settings)

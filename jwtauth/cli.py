@@ -112,7 +112,7 @@ def serve(settings: Settings, overrides: dict[str, str], args: argparse.Namespac
     """Prepare the database and keys here, so a bad setting fails once and clearly; then run uvicorn."""
     from jwtauth.app import open_service
     from jwtauth.logs import logging_config
-    from jwtauth.server import run_server
+    from jwtauth.server import make_cpu_slots, run_server
 
     host, port, workers = args.host, args.port, args.workers
     if workers < 1:
@@ -127,12 +127,16 @@ def serve(settings: Settings, overrides: dict[str, str], args: argparse.Namespac
     if workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:  # counters shared by the workers
         metrics_dir = tempfile.mkdtemp(prefix="jwtauth-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    cpu_slots = make_cpu_slots(workers) if settings.pin_workers else None
+    if cpu_slots:
+        os.environ["JWTAUTH_CPU_SLOTS"] = str(cpu_slots)
     try:
         log_config = logging_config(args.log_format, args.log_level.upper())
         run_server("jwtauth.app:create_app_from_env", host, port, workers, log_config)
     finally:
-        if metrics_dir:
-            shutil.rmtree(metrics_dir, ignore_errors=True)
+        for directory in (metrics_dir, cpu_slots):
+            if directory:
+                shutil.rmtree(directory, ignore_errors=True)
     return 0
 
 

@@ -95,6 +95,8 @@ class Settings:
     db_pool_size: int = 4  # PostgreSQL connections per process
     db_prepared_statements: bool = True  # off behind PgBouncer in transaction mode (before PgBouncer 1.21)
     hash_concurrency: int = field(default_factory=lambda: len(os.sched_getaffinity(0)))  # Argon2 at once
+    pin_workers: bool = True  # with one worker per usable CPU, each keeps to its own (server.take_cpu)
+    cpu_slots: Path | None = None  # set by `jwtauth serve` for its workers when they keep to a CPU each
     login_queue: int = 64  # logins (and registrations) waiting for a hashing slot; more get 503 at once
     open_registration: bool = False
     password_grant: bool = False
@@ -158,6 +160,8 @@ class Settings:
             db_pool_size=reader.number("DB_POOL_SIZE", defaults.db_pool_size, minimum=1),
             db_prepared_statements=reader.flag("DB_PREPARED_STATEMENTS", defaults.db_prepared_statements),
             hash_concurrency=reader.number("HASH_CONCURRENCY", defaults.hash_concurrency, minimum=1),
+            pin_workers=reader.flag("PIN_WORKERS", defaults.pin_workers),
+            cpu_slots=Path(env["JWTAUTH_CPU_SLOTS"]) if env.get("JWTAUTH_CPU_SLOTS") else None,
             login_queue=reader.number("LOGIN_QUEUE", defaults.login_queue),
             open_registration=reader.flag("OPEN_REGISTRATION", defaults.open_registration),
             password_grant=reader.flag("PASSWORD_GRANT", defaults.password_grant),

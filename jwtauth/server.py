@@ -5,16 +5,25 @@ and a connection that never completes its request stays open. LimitedHttpToolsPr
 and adds the limits of API.md ("Limits on input"): it counts the bytes of each request head, closes a
 connection that waits too long on its client, and, near the process's file limit, closes the connection that
 has waited longest on its client so that a burst of idle connections cannot lock new clients out. The cost is
-a few attribute updates per read and about one timer per connection and request.
+a few attribute updates per read and about one timer per connection and request. With one worker per usable
+CPU, each worker keeps to a CPU of its own (take_cpu).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import functools
 import json
+import logging
+import os
 import resource
-from typing import Any
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, TypeVar
 
 import uvicorn
 from uvicorn.config import Config
@@ -28,6 +37,9 @@ KEEP_ALIVE_SECONDS = 5  # an idle connection between requests (uvicorn's default
 # File descriptors kept for everything but client connections: a SQLite connection (and its WAL and shared
 # memory files) per worker thread, the keys, the logs, the event loop's own.
 RESERVED_FILES = 128
+
+log = logging.getLogger("jwtauth")
+T = TypeVar("T")
 
 
 class LimitedHttpToolsProtocol(HttpToolsProtocol):
@@ -189,6 +201,78 @@ def max_connections() -> int:
     if soft == resource.RLIM_INFINITY:
         return 1_000_000
     return max(16, soft - RESERVED_FILES)
+
+
+# One CPU per worker
+#
+# With as many workers as usable CPUs, each worker keeps its threads (the event loop's and those that wait for
+# the database) to a CPU of its own, like nginx's worker_cpu_affinity. Left to the scheduler, a worker's threads
+# spread over the CPUs: every hand-over of Python's GIL between its event loop and a thread waiting for
+# PostgreSQL then wakes a thread on another CPU, and two workers at times share one CPU while another idles.
+# Argon2 is the exception: a password check may use every CPU, as its lanes run in parallel (p=4 by default).
+
+
+@dataclass(frozen=True, slots=True)
+class _Pin:
+    cpu: int  # this worker's
+    every_cpu: set[int]  # the server's, for Argon2
+    slot: IO[str]  # the locked slot file, held open for the life of the process
+
+
+_pin: _Pin | None = None  # once this worker has taken a CPU
+
+
+def make_cpu_slots(workers: int) -> Path | None:
+    """In `jwtauth serve`, before the workers start: if there are `workers` > 1 usable CPUs, a directory with a
+    slot file per CPU, for the workers' JWTAUTH_CPU_SLOTS; else None (the scheduler places them)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if workers < 2 or workers != len(cpus):
+        return None
+    directory = Path(tempfile.mkdtemp(prefix="jwtauth-cpus-"))
+    for cpu in cpus:
+        (directory / f"cpu-{cpu}").touch()
+    return directory
+
+
+def take_cpu(slots: Path | None) -> int | None:
+    """In a worker, at start: lock the first free slot of make_cpu_slots and keep every thread of this process
+    (and those it starts later) to that CPU. The lock ends with the process, so a worker that replaces a dead one
+    takes the CPU it left; a worker that found none free tries again when called again. Returns the CPU, or None
+    if the server runs without slots or none is free."""
+    global _pin
+    if slots is None or _pin is not None:
+        return _pin.cpu if _pin else None
+    every_cpu = os.sched_getaffinity(0)
+    for cpu in sorted(every_cpu):
+        try:
+            slot = open(slots / f"cpu-{cpu}")  # noqa: SIM115 - held open while the process lives
+        except OSError:  # not made by make_cpu_slots: left to the scheduler
+            return None
+        try:
+            fcntl.flock(slot, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # another worker's
+            slot.close()
+            continue
+        _pin = _Pin(cpu, every_cpu, slot)
+        for thread in os.listdir("/proc/self/task"):
+            with contextlib.suppress(ProcessLookupError):  # a thread that has just ended
+                os.sched_setaffinity(int(thread), {cpu})
+        log.info("worker %d keeps to CPU %d", os.getpid(), cpu)
+        return cpu
+    return None
+
+
+def on_every_cpu(call: Callable[[], T]) -> T:
+    """Run `call` in this thread free to use every CPU of the server (Argon2's lanes); then back to the
+    worker's CPU."""
+    pin = _pin
+    if pin is None:
+        return call()
+    os.sched_setaffinity(0, pin.every_cpu)
+    try:
+        return call()
+    finally:
+        os.sched_setaffinity(0, {pin.cpu})
 
 
 def run_server(app: str, host: str, port: int, workers: int, log_config: dict[str, Any]) -> None:

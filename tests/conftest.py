@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
-import functools
 import itertools
 import json
 import os
@@ -323,22 +322,33 @@ class Server:
     log: IO[bytes]  # its stderr, in a file: a pipe nobody reads would fill and block the server
 
 
-def start_server(env: Mapping[str, str], *args: str, own_issuer: bool = False, open_files: int | None = None) -> Server:
+def start_server(
+    env: Mapping[str, str],
+    *args: str,
+    own_issuer: bool = False,
+    open_files: int | None = None,
+    cpus: set[int] | None = None,
+) -> Server:
     """Start `jwtauth serve` on a free port and wait until /healthz answers 200. With own_issuer,
     JWTAUTH_ISSUER is its own URL, for clients that follow the metadata's endpoints; with open_files, the
-    server runs under that limit on open files (`ulimit -n`)."""
+    server runs under that limit on open files (`ulimit -n`); with cpus, on those CPUs only (`taskset`)."""
     port = free_port()
     env = {**env, "JWTAUTH_ISSUER": f"http://127.0.0.1:{port}"} if own_issuer else env
     clean = {key: value for key, value in os.environ.items() if not key.startswith("JWTAUTH_")}
     log = tempfile.TemporaryFile()  # noqa: SIM115 - stop_server closes it
-    files = open_files or resource.RLIM_INFINITY
-    limit = functools.partial(resource.setrlimit, resource.RLIMIT_NOFILE, (files, files))  # run in the child
+
+    def in_the_child() -> None:
+        if open_files:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))
+        if cpus:
+            os.sched_setaffinity(0, cpus)
+
     process = subprocess.Popen(
         [sys.executable, "-m", "jwtauth", "serve", "--port", str(port), *args],
         env={**clean, **env},
         stdout=subprocess.DEVNULL,
         stderr=log,
-        preexec_fn=limit if open_files else None,
+        preexec_fn=in_the_child if open_files or cpus else None,
     )
     server = Server(f"http://127.0.0.1:{port}", process, dict(env), log)
     deadline = time.monotonic() + 30

@@ -5,13 +5,16 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import re
 import shutil
+import signal
 import sqlite3
 import subprocess
+import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx2 as httpx
@@ -31,6 +34,7 @@ from jwtauth.store import is_postgres_url
 from .conftest import (
     PASSWORD,
     Account,
+    Server,
     add_user,
     bearer,
     full_width,
@@ -124,6 +128,96 @@ def test_metrics_add_up_across_two_workers(env: dict[str, str]) -> None:
         stop_server(server)
 
     assert totals == {20.0}
+
+
+def worker_cpus(server: Server) -> dict[int, set[str]]:
+    """Each uvicorn worker of `server` (a child process started by multiprocessing's spawn) and the CPUs its
+    threads may run on."""
+    children = Path(f"/proc/{server.process.pid}/task/{server.process.pid}/children").read_text().split()
+    workers = {}
+    for pid in map(int, children):
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                workers[pid] = {
+                    task.joinpath("status").read_text().split("Cpus_allowed_list:")[1].split()[0]
+                    for task in Path(f"/proc/{pid}/task").iterdir()
+                }
+    return workers
+
+
+def cpu_sets(workers: dict[int, set[str]]) -> set[frozenset[str]]:
+    return {frozenset(threads) for threads in workers.values()}
+
+
+def wait_for_workers(server: Server, check: Callable[[dict[int, set[str]]], bool]) -> dict[int, set[str]]:
+    deadline = time.monotonic() + 15
+    while not check(workers := worker_cpus(server)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return workers
+
+
+def test_one_worker_per_cpu_keeps_to_its_cpu_and_a_replacement_takes_the_one_left(env: dict[str, str]) -> None:
+    cpus = sorted(os.sched_getaffinity(0))[:2]
+    if len(cpus) < 2:
+        pytest.skip("one CPU: there is no second to give the second worker")
+    add_user(Settings.from_env(env), "alice@example.com")
+    one_each = {frozenset({str(cpu)}) for cpu in cpus}
+    server = start_server(env, "--workers", "2", cpus=set(cpus))
+    try:
+        started = wait_for_workers(server, lambda found: cpu_sets(found) == one_each)
+        with httpx.Client(base_url=server.url) as http:  # the hashing thread spreads over both CPUs, then back
+            answers = [login(http, "alice@example.com") for _ in range(4)]
+        after_logins = worker_cpus(server)
+        killed = next(iter(started))
+        os.kill(killed, signal.SIGKILL)
+        replaced = wait_for_workers(server, lambda found: killed not in found and cpu_sets(found) == one_each)
+        with httpx.Client(base_url=server.url) as http:
+            answers += [login(http, "alice@example.com") for _ in range(2)]
+    finally:
+        log = stop_server(server)
+
+    assert cpu_sets(started) == one_each, started
+    assert after_logins == started
+    assert killed not in replaced and cpu_sets(replaced) == one_each, replaced
+    assert all("access_token" in answer for answer in answers)
+    assert len(re.findall(r"worker \d+ keeps to CPU \d", log)) == 3
+
+
+def test_a_pinned_worker_checks_passwords_on_every_cpu(tmp_path: Path) -> None:
+    cpus = set(sorted(os.sched_getaffinity(0))[:2])
+    if len(cpus) < 2:
+        pytest.skip("one CPU: workers are never pinned there")
+    worker = (  # what `jwtauth serve --workers 2` and then a worker do, and what a hashing thread then may use
+        "import os\n"
+        "from jwtauth import server\n"
+        "cpu = server.take_cpu(server.make_cpu_slots(2))\n"
+        "print(cpu, sorted(os.sched_getaffinity(0)), server.on_every_cpu(lambda: sorted(os.sched_getaffinity(0))),"
+        " sorted(os.sched_getaffinity(0)))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", worker], capture_output=True, text=True, timeout=60, check=True,
+                         preexec_fn=lambda: os.sched_setaffinity(0, cpus))  # fmt: skip
+
+    first = min(cpus)
+    assert run.stdout.split(" ", 1) == [str(first), f"[{first}] {sorted(cpus)} [{first}]\n"]
+
+
+@pytest.mark.parametrize("setting", [{"JWTAUTH_PIN_WORKERS": "0"}, {}])
+def test_workers_not_one_per_cpu_or_told_not_to_are_left_to_the_scheduler(
+    env: dict[str, str], setting: dict[str, str]
+) -> None:
+    cpus = sorted(os.sched_getaffinity(0))[:2]
+    if len(cpus) < 2:
+        pytest.skip("one CPU: workers are never pinned there")
+    workers = "2" if setting else "3"  # pinning off; or more workers than CPUs
+    server = start_server({**env, **setting}, "--workers", workers, cpus=set(cpus))
+    try:
+        found = wait_for_workers(server, lambda found: len(found) == int(workers))
+    finally:
+        log = stop_server(server)
+
+    both = {f"{cpus[0]}-{cpus[1]}" if cpus[1] == cpus[0] + 1 else f"{cpus[0]},{cpus[1]}"}
+    assert len(found) == int(workers) and all(threads == both for threads in found.values()), found
+    assert "keeps to CPU" not in log
 
 
 # Structured logs
