@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx2 as httpx
@@ -166,8 +167,16 @@ def test_one_worker_per_cpu_keeps_to_its_cpu_and_a_replacement_takes_the_one_lef
     try:
         started = wait_for_workers(server, lambda found: cpu_sets(found) == one_each)
         with httpx.Client(base_url=server.url) as http:  # the hashing thread spreads over both CPUs, then back
-            answers = [login(http, "alice@example.com") for _ in range(4)]
+            answers = [login(http, "alice@example.com") for _ in range(12)]
         after_logins = worker_cpus(server)
+
+        def refresh_and_ask(pair: dict[str, object]) -> tuple[int, int]:  # a new connection: either worker
+            with httpx.Client(base_url=server.url) as http:
+                refreshed = http.post("/refresh", json={"refresh_token": pair["refresh_token"]})
+                return refreshed.status_code, http.get("/userinfo", headers=bearer(pair["access_token"])).status_code
+
+        with ThreadPoolExecutor(12) as pool:  # more at once than a worker has database connections
+            statuses = list(pool.map(refresh_and_ask, answers))
         killed = next(iter(started))
         os.kill(killed, signal.SIGKILL)
         replaced = wait_for_workers(server, lambda found: killed not in found and cpu_sets(found) == one_each)
@@ -180,6 +189,7 @@ def test_one_worker_per_cpu_keeps_to_its_cpu_and_a_replacement_takes_the_one_lef
     assert after_logins == started
     assert killed not in replaced and cpu_sets(replaced) == one_each, replaced
     assert all("access_token" in answer for answer in answers)
+    assert statuses == [(200, 200)] * 12
     assert len(re.findall(r"worker \d+ keeps to CPU \d", log)) == 3
 
 
