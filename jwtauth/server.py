@@ -268,11 +268,15 @@ def on_every_cpu(call: Callable[[], T]) -> T:
     pin = _pin
     if pin is None:
         return call()
-    os.sched_setaffinity(0, pin.every_cpu)
+    try:
+        os.sched_setaffinity(0, pin.every_cpu)
+    except OSError:  # the server's CPUs changed since it started (a cgroup's cpuset): the check runs where it is
+        return call()
     try:
         return call()
     finally:
-        os.sched_setaffinity(0, {pin.cpu})
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(0, {pin.cpu})
 
 
 def run_server(app: str, host: str, port: int, workers: int, log_config: dict[str, Any]) -> None:

@@ -174,8 +174,8 @@ class PostgresStore:
             f" set local idle_in_transaction_session_timeout = {IDLE_IN_TRANSACTION_MS}"
         )
         # In a worker that keeps to one CPU (server.take_cpu), all its threads share that CPU: threads waiting
-        # for a pooled connection would only contend for the GIL there, and some waited for it for a second
-        # under load. Calls beyond the pool's connections wait on the event loop instead, in turn. Elsewhere
+        # for a pooled connection would only contend for the GIL there: under load, the slowest refreshes took
+        # up to 2 s. Calls beyond the pool's connections wait on the event loop instead, in turn. Elsewhere
         # they wait in threads, where a returned connection goes at once to a thread that is ready (10 % more
         # refreshes with one worker).
         self._threads = settings.db_pool_size if settings.cpu_slots else None
