@@ -205,10 +205,12 @@ def test_a_pinned_worker_checks_passwords_on_every_cpu(tmp_path: Path) -> None:
         " sorted(os.sched_getaffinity(0)))\n"
     )
     run = subprocess.run([sys.executable, "-c", worker], capture_output=True, text=True, timeout=60, check=True,
+                         env={**os.environ, "TMPDIR": str(tmp_path)},  # where make_cpu_slots makes its directory
                          preexec_fn=lambda: os.sched_setaffinity(0, cpus))  # fmt: skip
 
     first = min(cpus)
     assert run.stdout.split(" ", 1) == [str(first), f"[{first}] {sorted(cpus)} [{first}]\n"]
+    assert sorted(path.name for path in tmp_path.glob("jwtauth-cpus-*/cpu-*")) == [f"cpu-{cpu}" for cpu in sorted(cpus)]
 
 
 @pytest.mark.parametrize("setting", [{"JWTAUTH_PIN_WORKERS": "0"}, {}])
