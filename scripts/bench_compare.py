@@ -33,10 +33,9 @@ def comparison(before: Results, after: Results) -> tuple[list[str], list[str]]:
             continue
         label = f"{DATABASES[run_after['database']]}, `--workers {run_after['workers']}`"
         for old, new in zip(rows_of(run_before), rows_of(run_after), strict=True):
-            if old.limit is None or new.limit is None or not old.limit or not new.limit:
+            if not old.limit or not new.limit:  # a baseline, or a limit that could not be measured
                 continue
-            ratio_before = old.result["requests_per_s"] / old.limit
-            ratio_after = new.result["requests_per_s"] / new.limit
+            ratio_before, ratio_after = old.ratio, new.ratio
             change = 100 * (ratio_after - ratio_before)
             margin = 100 * max(noise(old.round_ratios()), noise(new.round_ratios()))
             is_slower = change < -margin

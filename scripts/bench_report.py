@@ -59,6 +59,12 @@ class Row:
     def limit(self) -> float | None:
         return series(*(self.rates[name] for name in self.names)) if self.names else None
 
+    @property
+    def ratio(self) -> float:
+        """req/s over the limit; 0 for a baseline, or a limit that could not be measured."""
+        limit = self.limit
+        return float(self.result["requests_per_s"] / limit) if limit else 0.0
+
     def round_ratios(self) -> list[float]:
         """The ratio in each round: the endpoint's rate in that round over the limit from the rates measured
         in that round. An endpoint measured once (login at default Argon2, between two measurements of its
@@ -132,7 +138,7 @@ def endpoint_line(row: Row) -> str:
     if row.limit is None:
         cells += ["", "", "", "", ""]
     else:
-        ratio = result["requests_per_s"] / row.limit if row.limit else 0.0
+        ratio = row.ratio
         target = f"≥ {row.target:.0%}" if row.target is not None else "-"
         met = "" if row.target is None else verdict(ratio >= row.target and errors == 0)
         rounds = row.round_ratios()
@@ -184,7 +190,7 @@ DATABASES = {"sqlite": "SQLite", "postgresql": "PostgreSQL"}
 def refresh_ratio(run: Results) -> float:
     """Refresh req/s against its limit, as the endpoint table gives it."""
     row = next(row for row in rows_of(run) if row.name == "POST /refresh")
-    return float(row.result["requests_per_s"] / row.limit) if row.limit else 0.0
+    return row.ratio
 
 
 def summary_lines(runs: Results) -> list[str]:

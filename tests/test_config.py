@@ -49,6 +49,7 @@ def test_every_variable_is_read() -> None:
         "JWTAUTH_TRUSTED_PROXIES": "10.0.0.0/8, ::1", "JWTAUTH_LOGIN_MAX_FAILURES_PER_ACCOUNT": "9",
         "JWTAUTH_MAX_SESSIONS_PER_USER": "4", "JWTAUTH_DB_POOL_SIZE": "6",
         "JWTAUTH_CORS_ORIGINS": "https://app.example.com", "JWTAUTH_LOGIN_QUEUE": "0",
+        "JWTAUTH_PIN_WORKERS": "0", "JWTAUTH_CPU_SLOTS": "/run/jwtauth-cpus",
     })  # fmt: skip
 
     assert settings == Settings(
@@ -59,6 +60,7 @@ def test_every_variable_is_read() -> None:
         login_max_failures_per_address=7, login_max_failures_per_account=9, max_sessions_per_user=4, db_pool_size=6,
         trusted_proxies=(ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("::1")),
         open_registration=True, password_grant=True, cors_origins=("https://app.example.com",), login_queue=0,
+        pin_workers=False, cpu_slots=Path("/run/jwtauth-cpus"),
     )  # fmt: skip
 
 
@@ -91,6 +93,7 @@ def test_passphrase_is_not_in_the_repr() -> None:
         {"JWTAUTH_ARGON2_PARALLELISM": "0"},
         {"JWTAUTH_ARGON2_MEMORY_KIB": "8", "JWTAUTH_ARGON2_PARALLELISM": "2"},
         {"JWTAUTH_OPEN_REGISTRATION": "2"},
+        {"JWTAUTH_PIN_WORKERS": "sometimes"},
         {"JWTAUTH_DATABASE": " "},
         {"JWTAUTH_TRUSTED_PROXIES": "10.0.0.0/8, proxy.internal"},
         {"JWTAUTH_ISSUER": "https://user@auth.example.com"},
