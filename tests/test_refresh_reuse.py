@@ -87,6 +87,35 @@ def test_fifty_concurrent_refreshes_over_two_workers_converge(env: dict[str, str
         assert httpx.get(f"{server.url}/userinfo", headers=bearer(pairs[-1]["access_token"])).status_code == 200
 
 
+def test_concurrent_refreshes_of_many_sessions_each_get_the_access_token_of_their_own(env: dict[str, str]) -> None:
+    """The access tokens of refreshes that a worker finds ready at once are signed in one round
+    (tokens.SigningRounds); each answer still carries its own user's and session's."""
+    accounts = [add_user(Settings.from_env(env), f"user{number}@example.com") for number in range(16)]
+    server = start_server(env)
+    try:
+        pairs = [
+            httpx.post(f"{server.url}/login", json={"email": account.email, "password": PASSWORD}).json()
+            for account in accounts
+        ]
+        start = threading.Barrier(len(pairs))
+
+        def refresh_one(pair: dict[str, str]) -> httpx.Response:
+            start.wait()
+            return refresh(server, pair["refresh_token"])
+
+        with concurrent.futures.ThreadPoolExecutor(len(pairs)) as pool:
+            answers = list(pool.map(refresh_one, pairs))
+
+        assert [answer.status_code for answer in answers] == [200] * len(pairs), [a.text for a in answers]
+        for account, pair, answer in zip(accounts, pairs, answers, strict=True):
+            claims = jwt.decode(answer.json()["access_token"], options={"verify_signature": False})
+            assert (claims["sub"], claims["email"], claims["sid"]) == (account.id, account.email, sid_of(pair))
+            userinfo = httpx.get(f"{server.url}/userinfo", headers=bearer(answer.json()["access_token"]))
+            assert (userinfo.status_code, userinfo.json()["sub"]) == (200, account.id)  # signed by the server
+    finally:
+        stop_server(server)
+
+
 def test_two_tabs_that_race_keep_working_after_the_interval(env: dict[str, str]) -> None:
     """Tabs that refreshed at the same moment refresh at the same moment again, an access token later."""
     with serving(env, 1) as server:
