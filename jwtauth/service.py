@@ -221,8 +221,7 @@ class AuthService:
             self._audit(event, user=user.id if user else None, sid=state.id if state else None, reason=decision.reason)
             raise InvalidGrantError("the refresh token is invalid, expired or revoked")
         self._audit("refresh", user=user.id, sid=state.id, outcome=decision.outcome)
-        kid, private_key = self.keyset.signing_key
-        access_token = await self.signing.sign(self._access_claims(user, state.id, int(now)), kid, private_key)
+        access_token = await self.signing.sign(functools.partial(self._access_token, user, state.id, int(now)))
         return TokenPair(access_token, self.settings.access_ttl, decision.refresh_token, round(state.expires_at - now))
 
     @answers_store_errors
@@ -376,11 +375,7 @@ class AuthService:
         return TokenPair(self._access_token(user, session.id, int(now)), self.settings.access_ttl, refresh_token, ttl)
 
     def _access_token(self, user: User, session_id: str, now: int) -> str:
-        kid, private_key = self.keyset.signing_key
-        return sign_access_token(self._access_claims(user, session_id, now), kid, private_key)
-
-    def _access_claims(self, user: User, session_id: str, now: int) -> AccessClaims:
-        return AccessClaims(
+        claims = AccessClaims(
             iss=self.settings.issuer,
             sub=user.id,
             aud=self.settings.audience,
@@ -392,6 +387,8 @@ class AuthService:
             sid=session_id,
             email=user.email,
         )
+        kid, private_key = self.keyset.signing_key
+        return sign_access_token(claims, kid, private_key)
 
 
 class UserAdmin:

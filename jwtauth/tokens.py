@@ -58,8 +58,8 @@ def sign_access_token(claims: AccessClaims, kid: str, private_key: rsa.RSAPrivat
 
 
 class SigningRounds:
-    """Signs access tokens for callers on an event loop, in rounds: the tokens asked for while the loop runs
-    the callbacks that are ready are signed back to back, in one callback that runs after them.
+    """Signs access tokens for callers on an event loop, in rounds: the signatures asked for while the loop runs
+    the callbacks that are ready are made back to back, in one callback that runs after them.
 
     A loop that wakes up finds several requests ready at once (16 connections under `make bench`'s refresh
     load: 5.4 per round on one worker); each phase of their work then runs for all of them together, and an
@@ -70,27 +70,25 @@ class SigningRounds:
 
     def __init__(self) -> None:
         # a round per loop: a loop signs only for its own callers (tests may run several, in threads)
-        self._rounds: dict[
-            asyncio.AbstractEventLoop, list[tuple[AccessClaims, str, rsa.RSAPrivateKey, asyncio.Future[str]]]
-        ] = {}
+        self._rounds: dict[asyncio.AbstractEventLoop, list[tuple[Callable[[], str], asyncio.Future[str]]]] = {}
 
-    async def sign(self, claims: AccessClaims, kid: str, private_key: rsa.RSAPrivateKey) -> str:
-        """sign_access_token, in this loop's next round."""
+    async def sign(self, sign: Callable[[], str]) -> str:
+        """Call `sign` (one signature) in this loop's next round; return what it returns."""
         loop = asyncio.get_running_loop()
         waiting = self._rounds.get(loop)
         if waiting is None:
             waiting = self._rounds[loop] = []
             loop.call_soon(self._sign_round, loop)
         future: asyncio.Future[str] = loop.create_future()
-        waiting.append((claims, kid, private_key, future))
+        waiting.append((sign, future))
         return await future
 
     def _sign_round(self, loop: asyncio.AbstractEventLoop) -> None:
-        for claims, kid, private_key, future in self._rounds.pop(loop):
+        for sign, future in self._rounds.pop(loop):
             if future.cancelled():  # its request was cancelled while it waited
                 continue
             try:
-                future.set_result(sign_access_token(claims, kid, private_key))
+                future.set_result(sign())
             except Exception as exc:  # for its own request to fail with, not the others
                 future.set_exception(exc)
 

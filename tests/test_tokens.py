@@ -1,15 +1,17 @@
-"""Access-token signing on the event loop, in rounds (tokens.SigningRounds)."""
+"""Access-token signatures on the event loop, in rounds (tokens.SigningRounds)."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
+from collections.abc import Callable
 
 import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from jwtauth.tokens import AccessClaims, SigningRounds
+from jwtauth.tokens import AccessClaims, SigningRounds, sign_access_token
 
 
 @pytest.fixture(scope="module")
@@ -24,6 +26,10 @@ def claims_of(number: int) -> AccessClaims:
     )  # fmt: skip
 
 
+def signing(claims: AccessClaims, private_key: rsa.RSAPrivateKey) -> Callable[[], str]:
+    return functools.partial(sign_access_token, claims, "kid-1", private_key)
+
+
 def decoded(token: str, private_key: rsa.RSAPrivateKey) -> dict[str, object]:
     header = jwt.get_unverified_header(token)
     assert (header["kid"], header["typ"]) == ("kid-1", "at+jwt")
@@ -35,7 +41,7 @@ def test_tokens_asked_for_at_once_are_each_signed_with_their_own_claims(private_
     rounds = SigningRounds()
 
     async def ask_all() -> list[str]:
-        return await asyncio.gather(*(rounds.sign(claims_of(n), "kid-1", private_key) for n in range(8)))
+        return await asyncio.gather(*(rounds.sign(signing(claims_of(n), private_key)) for n in range(8)))
 
     tokens = asyncio.run(ask_all())
 
@@ -46,7 +52,7 @@ def test_a_request_cancelled_while_it_waits_leaves_the_others_signed(private_key
     rounds = SigningRounds()
 
     async def ask_and_cancel_one() -> tuple[bool, list[str]]:
-        tasks = [asyncio.create_task(rounds.sign(claims_of(n), "kid-1", private_key)) for n in range(3)]
+        tasks = [asyncio.create_task(rounds.sign(signing(claims_of(n), private_key))) for n in range(3)]
         await asyncio.sleep(0)  # every task now waits for the round
         tasks[1].cancel()
         done = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), timeout=10)
@@ -65,7 +71,7 @@ def test_rounds_of_several_event_loops_stay_apart(private_key: rsa.RSAPrivateKey
     signed: dict[int, list[str]] = {}
 
     async def ask(first: int) -> list[str]:
-        tasks = [asyncio.create_task(rounds.sign(claims_of(n), "kid-1", private_key)) for n in range(first, first + 4)]
+        tasks = [asyncio.create_task(rounds.sign(signing(claims_of(n), private_key))) for n in range(first, first + 4)]
         # runs after the four have asked and before their round: the other loop's callers are waiting too
         asyncio.get_running_loop().call_soon(both_waiting.wait)
         return await asyncio.gather(*tasks)
