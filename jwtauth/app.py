@@ -33,12 +33,11 @@ from jwtauth.errors import (
     UnsupportedGrantTypeError,
 )
 from jwtauth.keys import KeyStore
-from jwtauth.logs import skip_unused_record_fields
 from jwtauth.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from jwtauth.metrics import Metrics
 from jwtauth.openapi import BASE as openapi_base
 from jwtauth.passwords import MAX_PASSWORD_LENGTH, PasswordHasher
-from jwtauth.server import on_every_cpu, take_cpu
+from jwtauth.server import on_every_cpu, start_worker, take_cpu
 from jwtauth.service import MAX_NAME_LENGTH, AuthService
 from jwtauth.store import open_store
 from jwtauth.web import (
@@ -428,7 +427,6 @@ def create_app(settings: Settings, clock: Callable[[], float] = time.time) -> St
 
 def create_app_from_env() -> Starlette:
     """The factory `jwtauth serve` hands to uvicorn, run in each worker: settings from the environment."""
-    skip_unused_record_fields()
     settings = Settings.from_env()
-    take_cpu(settings.cpu_slots)
+    start_worker(settings.cpu_slots)
     return create_app(settings)

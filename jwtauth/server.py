@@ -30,6 +30,8 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 
+from jwtauth.logs import skip_unused_record_fields
+
 MAX_HEAD_BYTES = 16_384  # request line and headers (API.md); a head over it gets 431
 HEAD_TIMEOUT_SECONDS = 10.0  # for a complete head, from the connection or from the previous response
 BODY_TIMEOUT_SECONDS = 10.0  # without a byte while a request body is incomplete
@@ -260,6 +262,13 @@ def take_cpu(slots: Path | None) -> int | None:
         log.info("worker %d keeps to CPU %d", os.getpid(), cpu)
         return cpu
     return None
+
+
+def start_worker(cpu_slots: Path | None) -> None:
+    """What each worker process does before its application is built (jwtauth's, or the bench's bare one):
+    spare its log records the fields that no format writes, and keep to a CPU of its own (take_cpu)."""
+    skip_unused_record_fields()
+    take_cpu(cpu_slots)
 
 
 def on_every_cpu(call: Callable[[], T]) -> T:

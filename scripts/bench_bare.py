@@ -23,8 +23,7 @@ from starlette.routing import Route
 
 from jwtauth.cli import main as jwtauth_main
 from jwtauth.config import Settings
-from jwtauth.logs import skip_unused_record_fields
-from jwtauth.server import take_cpu
+from jwtauth.server import start_worker
 
 TOKEN_PAIR_SHAPE = {
     "access_token": "x" * 800,  # an RS256 access token with our claims and a 2048-bit key is ~800 chars
@@ -47,10 +46,8 @@ async def post_json(request: Request) -> Response:
 
 
 def create_app() -> Starlette:
-    """The factory uvicorn loads in each worker; it sets up the process's logging, and keeps to a CPU (with
-    one worker per CPU), as jwtauth's does."""
-    skip_unused_record_fields()
-    take_cpu(Settings.from_env().cpu_slots)
+    """The factory uvicorn loads in each worker; it starts the worker as jwtauth's factory does."""
+    start_worker(Settings.from_env().cpu_slots)
     return Starlette(routes=[Route("/get", get_json, methods=["GET"]), Route("/post", post_json, methods=["POST"])])
 
 
