@@ -19,6 +19,8 @@ import json
 import logging
 import os
 import resource
+import socket
+import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,9 +28,10 @@ from pathlib import Path
 from typing import IO, Any, TypeVar
 
 import uvicorn
-from uvicorn.config import Config
+from uvicorn.config import STARTUP_FAILURE, Config
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
+from uvicorn.supervisors.multiprocess import Multiprocess
 
 from jwtauth.logs import skip_unused_record_fields
 
@@ -290,17 +293,81 @@ def on_every_cpu(call: Callable[[], T]) -> T:
 
 def run_server(app: str, host: str, port: int, workers: int, log_config: dict[str, Any]) -> None:
     """Serve the ASGI app factory `app` ("module:function") until interrupted."""
-    uvicorn.run(
-        app,
-        factory=True,
-        host=host,
-        port=port,
-        workers=workers,
-        http=f"{__name__}:{LimitedHttpToolsProtocol.__name__}",
-        ws="none",  # no endpoint speaks WebSocket: an upgrade request is an ordinary request
-        timeout_keep_alive=KEEP_ALIVE_SECONDS,
-        lifespan="on",
-        proxy_headers=False,  # the app reads X-Forwarded-For itself, from JWTAUTH_TRUSTED_PROXIES only
-        server_header=False,
-        log_config=log_config,
-    )
+    options: dict[str, Any] = {
+        "factory": True,
+        "host": host,
+        "port": port,
+        "workers": workers,
+        "http": f"{__name__}:{LimitedHttpToolsProtocol.__name__}",
+        "ws": "none",  # no endpoint speaks WebSocket: an upgrade request is an ordinary request
+        "timeout_keep_alive": KEEP_ALIVE_SECONDS,
+        "lifespan": "on",
+        "proxy_headers": False,  # the app reads X-Forwarded-For itself, from JWTAUTH_TRUSTED_PROXIES only
+        "server_header": False,
+        "log_config": log_config,
+    }
+    if workers < 2 or not sys.platform.startswith("linux"):  # elsewhere SO_REUSEPORT does not spread connections
+        uvicorn.run(app, **options)
+        return
+    config = Config(app, **options)
+    port_holder = bind_port_holder(config)
+    with contextlib.suppress(KeyboardInterrupt), port_holder:
+        Multiprocess(config, sockets=[port_holder]).run()
+
+
+# A listening socket per worker
+#
+# uvicorn's workers share one listening socket, and a worker's event loop accepts every connection waiting on it
+# when it wakes: a burst of new connections lands on one worker, which then serves them all while the other
+# idles. Here the supervisor only holds the port: each worker listens on a socket of its own, bound to the same
+# address with SO_REUSEPORT, and Linux spreads new connections over them by a hash of their addresses (nginx's
+# `reuseport`). The price: connections still waiting in a worker's queue when it ends (it died, or SIGHUP
+# replaced it) are reset, where a shared socket would have kept them for the other workers.
+
+
+class PortHolder(socket.socket):
+    """The supervisor's socket: bound with SO_REUSEPORT, never listening, so it takes no connection. Handed to a
+    worker, it becomes a listening socket of the worker's own on the same address (its __reduce__)."""
+
+    def __reduce__(self) -> tuple[Callable[..., socket.socket], tuple[Any, ...]]:
+        return worker_listener, (self.family, self.getsockname())
+
+
+def bind_port_holder(config: Config) -> PortHolder:
+    """The PortHolder for uvicorn's host and port, bound as uvicorn's Config.bind_socket binds its socket.
+
+    SO_REUSEPORT would let it share a port that another server of the same user listens on (a second
+    `jwtauth serve`, one not yet stopped), which would then take some of the connections: the address is
+    first bound without it, which fails as uvicorn's own socket would if anything listens there."""
+    family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+    holder = PortHolder(family)
+    try:
+        with socket.socket(family) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((config.host, config.port))
+            address = probe.getsockname()  # port 0: the one the system chose
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        holder.bind(address)
+    except OSError as exc:
+        holder.close()
+        logging.getLogger("uvicorn.error").error(exc)
+        sys.exit(STARTUP_FAILURE)
+    host, port = holder.getsockname()[:2]
+    shown = f"[{host}]" if family == socket.AF_INET6 else host
+    logging.getLogger("uvicorn.error").info("Uvicorn running on http://%s:%d (Press CTRL+C to quit)", shown, port)
+    return holder
+
+
+def worker_listener(family: socket.AddressFamily, address: tuple[Any, ...]) -> socket.socket:
+    """In a worker, as it starts: a socket of its own on the supervisor's address; uvicorn makes it listen."""
+    sock = socket.socket(family)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind(address)
+    except OSError as exc:  # no file left, say: uvicorn stops, as it does for any worker that cannot start
+        sock.close()
+        print(f"jwtauth: a worker cannot listen on {address[0]}:{address[1]}: {exc}", file=sys.stderr)
+        sys.exit(STARTUP_FAILURE)
+    return sock

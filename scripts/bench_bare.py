@@ -1,9 +1,10 @@
 """The baseline server: bare Starlette JSON endpoints under exactly the uvicorn set-up of `jwtauth serve`.
 
 `python scripts/bench_bare.py serve --port P --workers N` runs jwtauth's own `serve` command with
-uvicorn.run wrapped so that it loads `create_app` below instead of jwtauth's app. Every other option
-(workers, lifespan, proxy headers, server header, logging, and whatever cli.py adds later) is the one
-jwtauth passes, so the baseline follows cli.py without being kept in step by hand.
+jwtauth.server.run_server wrapped so that it loads `create_app` below instead of jwtauth's app. Every other
+option (workers and their listening sockets, lifespan, proxy headers, server header, logging, and whatever
+cli.py and server.py add later) is the one jwtauth uses, so the baseline follows them without being kept in
+step by hand.
 
 - `GET /get`: a small JSON object, as a handler that only serialises does.
 - `POST /post`: parses a JSON body and answers an object shaped like a token pair, of about its size.
@@ -15,15 +16,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from jwtauth import server
 from jwtauth.cli import main as jwtauth_main
 from jwtauth.config import Settings
-from jwtauth.server import start_worker
 
 TOKEN_PAIR_SHAPE = {
     "access_token": "x" * 800,  # an RS256 access token with our claims and a 2048-bit key is ~800 chars
@@ -47,24 +47,24 @@ async def post_json(request: Request) -> Response:
 
 def create_app() -> Starlette:
     """The factory uvicorn loads in each worker; it starts the worker as jwtauth's factory does."""
-    start_worker(Settings.from_env().cpu_slots)
+    server.start_worker(Settings.from_env().cpu_slots)
     return Starlette(routes=[Route("/get", get_json, methods=["GET"]), Route("/post", post_json, methods=["POST"])])
 
 
 def run_bare_instead(real_run: Any) -> Any:
-    """Wrap uvicorn.run: keep every option jwtauth's serve passes, swap the application for ours."""
+    """Wrap run_server: keep everything jwtauth's serve passes, swap the application for ours."""
 
-    def run(app: object, **options: Any) -> None:
-        print(f"bench_bare: uvicorn options {sorted(options)} (app {app!r} replaced)", file=sys.stderr)
-        options["app_dir"] = str(Path(__file__).resolve().parent)  # where the workers import us from
-        real_run("bench_bare:create_app", **options)
+    def run(app: object, *args: Any, **options: Any) -> None:
+        print(f"bench_bare: serving bench_bare:create_app in place of {app!r}", file=sys.stderr)
+        sys.path.insert(0, str(Path(__file__).resolve().parent))  # where the workers import us from
+        real_run("bench_bare:create_app", *args, **options)
 
     return run
 
 
 def main(argv: list[str]) -> int:
     """Run `jwtauth <argv>` (a `serve` command) with the bare application."""
-    uvicorn.run = run_bare_instead(uvicorn.run)
+    server.run_server = run_bare_instead(server.run_server)
     return jwtauth_main(argv)
 
 

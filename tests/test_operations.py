@@ -9,12 +9,13 @@ import os
 import re
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -230,6 +231,84 @@ def test_workers_not_one_per_cpu_or_told_not_to_are_left_to_the_scheduler(
     both = {f"{cpus[0]}-{cpus[1]}" if cpus[1] == cpus[0] + 1 else f"{cpus[0]},{cpus[1]}"}
     assert len(found) == int(workers) and all(threads == both for threads in found.values()), found
     assert "keeps to CPU" not in log
+
+
+def sockets_per_worker(server: Server, workers: Iterable[int], state: str) -> dict[int, int]:
+    """How many sockets on the server's port in `state` (from /proc/net/tcp: "01" established, "0A" listening)
+    each worker process holds."""
+    port = int(server.url.rsplit(":", 1)[1])
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == state:
+                inodes.add(f"socket:[{fields[9]}]")
+    counts = {}
+    for pid in workers:
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            counts[pid] = sum(1 for fd in Path(f"/proc/{pid}/fd").iterdir() if os.readlink(fd) in inodes)
+    return counts
+
+
+def wait_for_listening_workers(server: Server, check: Callable[[dict[int, set[str]]], bool]) -> dict[int, set[str]]:
+    """The workers, once `check` holds for them and each of them listens on the server's port."""
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        workers = wait_for_workers(server, check)
+        if all(sockets_per_worker(server, workers, "0A").values()):
+            break
+        time.sleep(0.05)
+    return workers
+
+
+def open_connections(server: Server, count: int) -> list[socket.socket]:
+    """`count` connections opened at once, as a load generator opens them, each then asking for /healthz."""
+    host, port = server.url.removeprefix("http://").split(":")
+    connections = [socket.create_connection((host, int(port)), timeout=10) for _ in range(count)]
+    for connection in connections:
+        connection.sendall(b"GET /healthz HTTP/1.1\r\nHost: jwtauth\r\n\r\n")
+    for connection in connections:
+        assert connection.recv(4096).startswith(b"HTTP/1.1 200 "), "every connection is answered"
+    return connections
+
+
+def test_a_burst_of_new_connections_is_spread_over_the_workers_a_replacement_included(env: dict[str, str]) -> None:
+    server = start_server(env, "--workers", "2")
+    try:
+        first = wait_for_listening_workers(server, lambda found: len(found) == 2)
+        connections = open_connections(server, 32)
+        spread = sockets_per_worker(server, first, "01")
+        for connection in connections:
+            connection.close()
+        killed = next(iter(first))
+        os.kill(killed, signal.SIGKILL)
+        replaced = wait_for_listening_workers(server, lambda found: len(found) == 2 and killed not in found)
+        connections = open_connections(server, 32)
+        spread_after = sockets_per_worker(server, replaced, "01")
+        for connection in connections:
+            connection.close()
+    finally:
+        stop_server(server)
+
+    # Each worker listens on a socket of its own, and the kernel spreads connections over them by a hash of
+    # their addresses: 32 over 2 leave fewer than 4 to one worker once in hundreds of thousands of runs.
+    assert sum(spread.values()) == 32 and min(spread.values()) >= 4, spread
+    assert sum(spread_after.values()) == 32 and min(spread_after.values()) >= 4, spread_after
+
+
+def test_a_server_will_not_start_on_the_port_of_another(env: dict[str, str]) -> None:
+    server = start_server(env, "--workers", "2")
+    try:
+        port = server.url.rsplit(":", 1)[1]
+        second = run_cli("serve", "--workers", "2", "--port", port, env=env)
+        connections = open_connections(server, 16)
+        for connection in connections:
+            connection.close()
+    finally:
+        stop_server(server)
+
+    assert second.returncode == 3, second.stderr  # uvicorn's STARTUP_FAILURE: a worker would not be restarted
+    assert "Address already in use" in second.stderr
 
 
 # Structured logs
