@@ -9,7 +9,8 @@ import logging
 import secrets
 import time
 import unicodedata
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import ParamSpec, TypeVar
 
@@ -54,15 +55,22 @@ def audit(event: str, **fields: object) -> None:
     log.info(" ".join([event, *(f"{key}={value}" for key, value in fields.items())]), extra={"event": event, **fields})
 
 
-def answers_store_errors(method: Callable[P, T]) -> Callable[P, T]:
+@contextmanager
+def store_errors_answered() -> Iterator[None]:
     """Answer a database that cannot answer now with 503 temporarily_unavailable (and Retry-After)."""
+    try:
+        yield
+    except StoreUnavailableError as exc:
+        raise TemporarilyUnavailableError("the database is unavailable; try again shortly") from exc
+
+
+def answers_store_errors(method: Callable[P, T]) -> Callable[P, T]:
+    """store_errors_answered, around every call of `method`."""
 
     @functools.wraps(method)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
-        try:
+        with store_errors_answered():
             return method(*args, **kwargs)
-        except StoreUnavailableError as exc:
-            raise TemporarilyUnavailableError("the database is unavailable; try again shortly") from exc
 
     return wrapper
 
@@ -119,10 +127,8 @@ class AuthService:
         Raises:
             TemporarilyUnavailableError: the database cannot answer now.
         """
-        try:
+        with store_errors_answered():
             return await self.store.run(functools.partial(work, *args, **kwargs))
-        except StoreUnavailableError as exc:
-            raise TemporarilyUnavailableError("the database is unavailable; try again shortly") from exc
 
     def _audit(self, event: str, **fields: object) -> None:
         audit(event, **fields)
@@ -204,7 +210,8 @@ class AuthService:
     async def refresh(self, refresh_token: str) -> TokenPair:
         """Rotate a refresh token: spend it and return a new pair in the same session (RFC 9700 §4.14.2); a
         token spent within the reuse interval gets the session's live refresh token (sessions.decide_rotation).
-        The database's part runs as the store runs it (Store.run); the signature on the event loop, so that a
+        The database's part runs as the store runs it (Store.rotate_async: with PostgreSQL, together with the
+        rotations of the other requests ready at the same time); the signature on the event loop, so that a
         worker thread does no more than wait for the database, with those of the other requests ready at the
         same time (tokens.SigningRounds).
 
@@ -213,7 +220,7 @@ class AuthService:
                 reuse interval, which revokes the whole session.
             TemporarilyUnavailableError: the database cannot answer now.
         """
-        decision = await self.run(self._rotate, refresh_token)
+        decision = await self._rotate(refresh_token)
         now = self.clock()
         state, user = decision.state, decision.user
         if decision.refresh_token is None or state is None or user is None:
@@ -224,18 +231,18 @@ class AuthService:
         access_token = await self.signing.sign(functools.partial(self._access_token, user, state.id, int(now)))
         return TokenPair(access_token, self.settings.access_ttl, decision.refresh_token, round(state.expires_at - now))
 
-    @answers_store_errors
-    def _rotate(self, refresh_token: str) -> Decision:
+    async def _rotate(self, refresh_token: str) -> Decision:
         tokens = self.keyset.refresh_tokens
         presented = tokens.read(refresh_token)
         if presented is None:  # made up, truncated or malformed: never looked up
             return Decision("invalid", "malformed_or_forged")
         # One from before generations has no MAC: the rule tells a made-up one by its hash, and nothing is saved.
         fresh = secrets.token_bytes(FRESH_BYTES)
-        return self.store.rotate(  # the time is read at each decision, made again if the session changed meanwhile
-            presented.family,
-            lambda state: decide_rotation(state, presented, self.clock(), self.policy, tokens, fresh),
-        )
+        with store_errors_answered():
+            return await self.store.rotate_async(  # the time is read at each decision, made again if the
+                presented.family,  # session changed meanwhile
+                lambda state: decide_rotation(state, presented, self.clock(), self.policy, tokens, fresh),
+            )
 
     @answers_store_errors
     def revoke(self, token: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import dataclasses
@@ -33,7 +34,8 @@ from jwtauth.config import Settings
 from jwtauth.keys import FileKeyRepository, KeyStore, StoredKeys
 from jwtauth.passwords import PasswordHasher
 from jwtauth.service import UserAdmin
-from jwtauth.store import decode_spent, is_postgres_url, open_store
+from jwtauth.sessions import Decision, SessionState
+from jwtauth.store import Store, decode_spent, is_postgres_url, open_store
 from jwtauth.store.sqlite import MIGRATIONS
 
 from .services import DatabaseSupply, PostgresCluster, free_port, require_service, start_postgres, stop_postgres
@@ -195,6 +197,13 @@ def query(database: str | Path, sql: str, parameters: Sequence[object] = ()) -> 
             return cursor.fetchall() if cursor.description else []
     with contextlib.closing(sqlite3.connect(database)) as conn, conn:
         return conn.execute(sql, parameters).fetchall()
+
+
+async def rotate_at_once(
+    store: Store, requests: Sequence[tuple[str, Callable[[SessionState | None], Decision]]]
+) -> list[Decision]:
+    """Ask for the rotations in one turn of the event loop (in one round, where the backend makes rounds)."""
+    return await asyncio.gather(*(store.rotate_async(family, decide) for family, decide in requests))
 
 
 def insert_many(database: str | Path, sql: str, rows: Sequence[Sequence[object]]) -> None:

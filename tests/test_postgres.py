@@ -6,7 +6,9 @@ cluster of its own, since it stops it.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
+import dataclasses
 import shutil
 import subprocess
 import threading
@@ -22,6 +24,8 @@ import psycopg
 import pytest
 
 from jwtauth.config import Settings
+from jwtauth.sessions import Decision, SessionState
+from jwtauth.store import Store, open_store
 
 from .conftest import (
     PASSWORD,
@@ -33,6 +37,7 @@ from .conftest import (
     kid_in_state,
     pg_env,
     query,
+    rotate_at_once,
     run_cli,
     start_server,
     stop_server,
@@ -248,6 +253,75 @@ def test_rotations_queued_behind_a_lock_converge_on_the_token_of_the_one_that_sa
     assert [response.status_code for response in responses] == [200, 200], [r.text for r in responses]
     assert len({response.json()["refresh_token"] for response in responses}) == 1
     assert generations == [(1, None)]  # one rotation saved, the session alive
+
+
+# Rotations in rounds (PostgresStore.rotate_async)
+
+
+@contextmanager
+def two_sessions(database: dict[str, str]) -> Iterator[tuple[Store, SessionState, SessionState]]:
+    """A store on the database and two sessions of one user in it, the first with the lower id."""
+    store = open_store(Settings.from_env(database))
+    try:
+        store.migrate()
+        user = store.add_user("alice@example.com", "Alice", "hash", int(time.time()))
+        now = time.time()
+        sessions = [SessionState(f"{name}-{uuid.uuid4()}", uuid.uuid4().hex[:22], user, now, 0, "h0", now + 3600)
+                    for name in ("a", "b")]  # fmt: skip
+        for session in sessions:
+            store.start_session(session, 100, "address-key", "pair", [])
+        yield store, sessions[0], sessions[1]
+    finally:
+        store.close()
+
+
+def to_next_generation(state: SessionState | None) -> Decision:
+    assert state is not None
+    rotated = dataclasses.replace(state, generation=state.generation + 1, token_hash=f"h{state.generation + 1}")
+    return Decision("rotated", "rotated", rotated, f"t{state.generation + 1}")
+
+
+def test_rotations_that_meet_a_deadlock_are_saved_one_by_one(database: dict[str, str]) -> None:
+    """A round's UPDATE locks the first session, then waits for the second, which another transaction holds
+    while it comes to wait for the first: PostgreSQL fails the round's UPDATE (its deadlock check comes
+    first), which saved nothing, and the rotations are then decided and saved one by one."""
+    url = database["JWTAUTH_DATABASE"]
+    deadlocks = "select deadlocks from pg_stat_database where datname = current_database()"
+    with two_sessions(database) as (store, first, second), psycopg.connect(url) as other:
+        before = query(url, deadlocks)[0][0]
+        other.execute("set deadlock_timeout = '10s'")  # so that the round's check, after 1 s, finds the cycle
+        other.execute("select 1 from sessions where id = %s for update", [second.id])
+        requests = [(first.family, to_next_generation), (second.family, to_next_generation)]
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            rotations = pool.submit(asyncio.run, rotate_at_once(store, requests))
+            assert waiting_for_locks(url, 1)  # the round's UPDATE, with the first session's row locked
+            other.execute("select 1 from sessions where id = %s for update", [first.id])  # the cycle
+            other.rollback()
+            decisions = rotations.result(timeout=30)
+        rows = query(url, "select id, generation, token_hash from sessions order by id")
+
+    assert query(url, deadlocks)[0][0] == before + 1
+    assert [decision.refresh_token for decision in decisions] == ["t1", "t1"]
+    assert rows == [(first.id, 1, "h1"), (second.id, 1, "h1")]
+
+
+def test_a_request_that_ends_while_its_rotation_waits_for_the_round_rotates_nothing(
+    database: dict[str, str],
+) -> None:
+    async def cancel_the_second_before_the_round() -> tuple[Decision, bool]:
+        kept = asyncio.ensure_future(store.rotate_async(first.family, to_next_generation))
+        ended = asyncio.ensure_future(store.rotate_async(second.family, to_next_generation))
+        asyncio.get_running_loop().call_soon(ended.cancel)  # after both asked, before the round runs
+        decision = await kept
+        await asyncio.gather(ended, return_exceptions=True)
+        return decision, ended.cancelled()
+
+    with two_sessions(database) as (store, first, second):
+        decision, cancelled = asyncio.run(cancel_the_second_before_the_round())
+        rows = query(database["JWTAUTH_DATABASE"], "select id, generation from sessions order by id")
+
+    assert (decision.refresh_token, cancelled) == ("t1", True)
+    assert rows == [(first.id, 1), (second.id, 0)]
 
 
 def test_a_lock_held_past_the_busy_timeout_gets_503_and_no_winner(database: dict[str, str]) -> None:

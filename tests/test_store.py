@@ -3,11 +3,12 @@ parametrised over SQLite and PostgreSQL, as Starlette runs its tests over asynci
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import dataclasses
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from jwtauth.keys import KeyEntry, StoredKeys
 from jwtauth.sessions import Decision, SessionState, SpentToken, User
 from jwtauth.store import Store, open_store
 
-from .conftest import insert_many, without_keys
+from .conftest import insert_many, rotate_at_once, without_keys
 from .services import DatabaseSupply
 
 NOW = 1_800_000_000.0
@@ -180,6 +181,75 @@ def test_concurrent_rotations_of_one_session_are_decided_one_after_another(store
 
     found = store.find_session(session.family)
     assert found is not None and found.generation == 40  # no rotation was lost to another
+
+
+def next_generation(seen: list[SessionState | None]) -> Callable[[SessionState | None], Decision]:
+    """A rule that rotates any session it finds to its next generation, noting each state it is shown."""
+
+    def decide(state: SessionState | None) -> Decision:
+        seen.append(state)
+        if state is None:
+            return Decision("invalid", "unknown_session")
+        generation = state.generation + 1
+        rotated = dataclasses.replace(state, generation=generation, token_hash=f"h{generation}")
+        return Decision("rotated", "rotated", rotated, f"t{generation}")
+
+    return decide
+
+
+def saved(store: Store, session: SessionState) -> tuple[int, str, float | None]:
+    """The generation, token hash and revocation time of the session as the store holds it."""
+    found = store.find_session(session.family)
+    assert found is not None
+    return found.generation, found.token_hash, found.revoked_at
+
+
+def test_rotations_asked_for_at_once_are_each_decided_and_saved(store: Store) -> None:
+    user = new_user(store)
+    twice, once, reused, replayed = (started(store, user) for _ in range(4))
+    seen: list[SessionState | None] = []
+    revoked = dataclasses.replace(reused, revoked_at=NOW + 2)
+    before = store.find_session(replayed.family)
+
+    decisions = asyncio.run(rotate_at_once(store, [
+        (twice.family, next_generation(seen)),
+        (once.family, next_generation(seen)),
+        (twice.family, next_generation(seen)),  # decided on the state the first request for it saved
+        (reused.family, lambda state: Decision("reuse_detected", "late", revoked)),
+        (replayed.family, lambda state: Decision("replayed", "within_interval", state)),
+        ("no such family", next_generation(seen)),
+    ]))  # fmt: skip
+
+    assert [decision.refresh_token for decision in decisions] == ["t1", "t1", "t2", None, None, None]
+    assert sorted(state.generation if state else -1 for state in seen) == [-1, 0, 0, 1]  # -1: no session
+    assert saved(store, twice)[:2] == (2, "h2")
+    assert saved(store, once)[:2] == (1, "h1")
+    assert saved(store, reused)[2] == NOW + 2
+    assert store.find_session(replayed.family) == before
+
+
+def test_rounds_of_rotations_from_several_processes_lose_none(store: Store, settings: Settings) -> None:
+    user = new_user(store)
+    sessions = [started(store, user) for _ in range(3)]
+    stores = [open_store(settings) for _ in range(2)]  # as two workers would
+    start = threading.Barrier(2)
+
+    def rotate_in_rounds(own: Store) -> None:
+        start.wait()
+        for _ in range(10):
+            requests = [(session.family, next_generation([])) for session in reversed(sessions)] * 2
+            decisions = asyncio.run(rotate_at_once(own, requests))
+            assert all(decision.outcome == "rotated" for decision in decisions)
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            list(pool.map(rotate_in_rounds, stores))
+    finally:
+        for own in stores:
+            own.close()
+
+    # 2 processes, 10 rounds, 2 requests for each session in each: no rotation was lost to another
+    assert [saved(store, session)[0] for session in sessions] == [40] * 3
 
 
 def test_revocations_count_the_sessions_they_end(store: Store) -> None:

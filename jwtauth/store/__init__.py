@@ -118,6 +118,15 @@ class Store(Protocol):
             StoreUnavailableError: the row's lock could not be had within the busy timeout; nothing was done.
         """
 
+    async def rotate_async(self, family: str, decide: Callable[[SessionState | None], Decision]) -> Decision:
+        """rotate, for a caller on the event loop, in the way this backend does it best: SQLite as run
+        runs it; PostgreSQL with the rotations asked for in the same turn of the loop, read together in one
+        statement and saved together in another (rotate_together).
+
+        Raises:
+            StoreUnavailableError: as rotate.
+        """
+
     def find_session(self, family: str) -> SessionState | None:
         """The session of `family`, revoked or not, or None."""
 
@@ -223,6 +232,49 @@ def rotate_optimistically(
             save_revocation(saved)  # revoked by this or by a revocation that came first: the same
         return decision
     raise StoreUnavailableError("the session was rotated by others at every attempt")
+
+
+Decide = Callable[[SessionState | None], Decision]
+
+
+def rotate_together(
+    requests: Sequence[tuple[str, Decide]],
+    read: Callable[[list[str]], dict[str, SessionState]],
+    save_rotations: Callable[[list[tuple[SessionState, int]]], set[str]],
+    save_revocation: Callable[[SessionState], object],
+    rotate: Callable[[str, Decide], Decision],
+) -> list[Decision | StoreUnavailableError]:
+    """rotate_optimistically for several (family, decide) requests at once, in two statements where it would
+    take two each: `read` the sessions of their families (by family), call each `decide`, then
+    `save_rotations` (state, generation read) together, each only if its session is still at the generation
+    it was read at and not revoked; it returns the ids of the sessions it saved. A rotation that another saved
+    before is decided again alone (`rotate`: rotate_optimistically), as is a request for a session that an
+    earlier request of the same call asked for, once that one is done: each decides on the state the one
+    before it left. Returns each request's decision, or the error that ended it alone."""
+    first: dict[str, int] = {}  # the request that asks first for each family
+    for index, (family, _) in enumerate(requests):
+        first.setdefault(family, index)
+    states = read(list(first))
+    decisions = {family: requests[index][1](states.get(family)) for family, index in first.items()}
+    rotations = {
+        family: (decision.state, states[family].generation)
+        for family, decision in decisions.items()
+        if decision.outcome == "rotated" and decision.state is not None and family in states
+    }
+    saved = save_rotations(list(rotations.values())) if rotations else set()
+    answers: list[Decision | StoreUnavailableError] = []
+    for index, (family, decide) in enumerate(requests):
+        decision = decisions[family]
+        try:
+            if first[family] != index or (family in rotations and rotations[family][0].id not in saved):
+                decision = rotate(family, decide)
+            elif decision.outcome == "reuse_detected" and decision.state is not None:
+                save_revocation(decision.state)
+        except StoreUnavailableError as exc:  # rotated by others at every attempt: this request fails alone
+            answers.append(exc)
+            continue
+        answers.append(decision)
+    return answers
 
 
 # Rows as both backends select them (the same SQL): a user's columns; a session's, then its user's.
