@@ -19,6 +19,7 @@ from jwtauth.keys import KeyRepository, StoredKeys
 from jwtauth.sessions import Decision, SessionState, SpentToken, User
 
 T = TypeVar("T")
+Decide = Callable[[SessionState | None], Decision]  # the rotation rule, for one presented token (Store.rotate)
 
 __all__ = ["Decision", "SessionState", "Snapshot", "Store", "User", "open_store"]
 
@@ -108,7 +109,7 @@ class Store(Protocol):
         of `release`. Return how many sessions that ended. Concurrent calls for one user never leave more
         than `max_sessions` live."""
 
-    def rotate(self, family: str, decide: Callable[[SessionState | None], Decision]) -> Decision:
+    def rotate(self, family: str, decide: Decide) -> Decision:
         """Call `decide` on the state of the session of `family` (None if there is none), save what the
         decision says (a rotated or a revoked session), and return the decision (rotate_optimistically).
         Of concurrent calls for one session, from any process or machine, that decided on one state, one saves
@@ -118,7 +119,7 @@ class Store(Protocol):
             StoreUnavailableError: the row's lock could not be had within the busy timeout; nothing was done.
         """
 
-    async def rotate_async(self, family: str, decide: Callable[[SessionState | None], Decision]) -> Decision:
+    async def rotate_async(self, family: str, decide: Decide) -> Decision:
         """rotate, for a caller on the event loop, in the way this backend does it best: SQLite as run
         runs it; PostgreSQL with the rotations asked for in the same turn of the loop, read together in one
         statement and saved together in another (rotate_together).
@@ -232,9 +233,6 @@ def rotate_optimistically(
             save_revocation(saved)  # revoked by this or by a revocation that came first: the same
         return decision
     raise StoreUnavailableError("the session was rotated by others at every attempt")
-
-
-Decide = Callable[[SessionState | None], Decision]
 
 
 def rotate_together(

@@ -441,9 +441,9 @@ class PostgresStore:
     async def rotate_async(self, family: str, decide: Decide) -> Decision:
         """rotate, in this event loop's next round of rotations (rounds.Rounds): the rotations asked for in
         one turn of the loop go to the database together, in one worker thread and over one pooled connection
-        (rotate_many). Under `make bench`'s refresh load that halves the CPU a refresh costs the database and
-        cuts the server's by a quarter: two statements for a round instead of two per refresh, and one thread
-        hop."""
+        (rotate_many): two statements for a round instead of two per refresh, and one thread hop. Under
+        `make bench`'s refresh load with one worker, a refresh then cost 597 µs of the worker's CPU instead of
+        728, and 72 µs of PostgreSQL's instead of 129."""
         return await self._rotations.ask((family, decide))
 
     def _start_rotations(self, asks: list[Ask[tuple[str, Decide], Decision]]) -> None:

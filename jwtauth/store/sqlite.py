@@ -30,6 +30,7 @@ from jwtauth.store import (
     SELECT_SESSION,
     USER_COLUMNS,
     USER_FIELDS,
+    Decide,
     Snapshot,
     encode_spent,
     rotate_optimistically,
@@ -452,7 +453,7 @@ class SqliteStore:
             )
             return ended
 
-    def rotate(self, family: str, decide: Callable[[SessionState | None], Decision]) -> Decision:
+    def rotate(self, family: str, decide: Decide) -> Decision:
         """rotate_optimistically: the session read, then saved in a write transaction of one UPDATE, so that
         the write lock is held for that statement, not while the rule runs. On the event loop, a write lock
         held by another process means reading and deciding again after the pause (run)."""
@@ -466,7 +467,7 @@ class SqliteStore:
 
         return rotate_optimistically(lambda: self.find_session(family), decide, save_rotation, save_revocation)
 
-    async def rotate_async(self, family: str, decide: Callable[[SessionState | None], Decision]) -> Decision:
+    async def rotate_async(self, family: str, decide: Decide) -> Decision:
         """rotate, as run runs it: on the event loop, where a rotation costs less than a round trip would."""
         return await self.run(functools.partial(self.rotate, family, decide))
 
