@@ -346,9 +346,7 @@ def bind_port_holder(config: Config) -> PortHolder:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             probe.bind((config.host, config.port))
             address = probe.getsockname()  # port 0: the one the system chose
-        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        holder.bind(address)
+        bind_shared(holder, address)
     except OSError as exc:
         holder.close()
         logging.getLogger("uvicorn.error").error(exc)
@@ -362,12 +360,18 @@ def bind_port_holder(config: Config) -> PortHolder:
 def worker_listener(family: socket.AddressFamily, address: tuple[Any, ...]) -> socket.socket:
     """In a worker, as it starts: a socket of its own on the supervisor's address; uvicorn makes it listen."""
     sock = socket.socket(family)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
-        sock.bind(address)
+        bind_shared(sock, address)
     except OSError as exc:  # no file left, say: uvicorn stops, as it does for any worker that cannot start
         sock.close()
         print(f"jwtauth: a worker cannot listen on {address[0]}:{address[1]}: {exc}", file=sys.stderr)
         sys.exit(STARTUP_FAILURE)
     return sock
+
+
+def bind_shared(sock: socket.socket, address: tuple[Any, ...]) -> None:
+    """Bind `sock` to `address` as one of the sockets that share it (SO_REUSEPORT), like uvicorn's with
+    SO_REUSEADDR, so that a restart does not wait for the old connections' TIME_WAIT."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(address)

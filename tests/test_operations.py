@@ -250,15 +250,9 @@ def sockets_per_worker(server: Server, workers: Iterable[int], state: str) -> di
     return counts
 
 
-def wait_for_listening_workers(server: Server, check: Callable[[dict[int, set[str]]], bool]) -> dict[int, set[str]]:
-    """The workers, once `check` holds for them and each of them listens on the server's port."""
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        workers = wait_for_workers(server, check)
-        if all(sockets_per_worker(server, workers, "0A").values()):
-            break
-        time.sleep(0.05)
-    return workers
+def all_listen(server: Server, workers: Iterable[int]) -> bool:
+    """Whether each worker holds a listening socket on the server's port."""
+    return all(sockets_per_worker(server, workers, "0A").values())
 
 
 def open_connections(server: Server, count: int) -> list[socket.socket]:
@@ -275,14 +269,16 @@ def open_connections(server: Server, count: int) -> list[socket.socket]:
 def test_a_burst_of_new_connections_is_spread_over_the_workers_a_replacement_included(env: dict[str, str]) -> None:
     server = start_server(env, "--workers", "2")
     try:
-        first = wait_for_listening_workers(server, lambda found: len(found) == 2)
+        first = wait_for_workers(server, lambda found: len(found) == 2 and all_listen(server, found))
         connections = open_connections(server, 32)
         spread = sockets_per_worker(server, first, "01")
         for connection in connections:
             connection.close()
         killed = next(iter(first))
         os.kill(killed, signal.SIGKILL)
-        replaced = wait_for_listening_workers(server, lambda found: len(found) == 2 and killed not in found)
+        replaced = wait_for_workers(
+            server, lambda found: len(found) == 2 and killed not in found and all_listen(server, found)
+        )
         connections = open_connections(server, 32)
         spread_after = sockets_per_worker(server, replaced, "01")
         for connection in connections:

@@ -161,23 +161,33 @@ def test_rotate_calls_the_rule_with_none_for_an_unknown_family(store: Store) -> 
     assert seen == [None]
 
 
+def at_once_in_processes(settings: Settings, count: int, work: Callable[[Store], object]) -> None:
+    """Call `work` in `count` threads started together, each with a store of its own, as `count` processes
+    would; raise what a call raised."""
+    stores = [open_store(settings) for _ in range(count)]
+    start = threading.Barrier(count)
+
+    def started_together(own: Store) -> object:
+        start.wait()
+        return work(own)
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(count) as pool:
+            list(pool.map(started_together, stores))
+    finally:
+        for own in stores:
+            own.close()
+
+
 def test_concurrent_rotations_of_one_session_are_decided_one_after_another(store: Store, settings: Settings) -> None:
     session = started(store, new_user(store))
-    stores = [open_store(settings) for _ in range(4)]  # as four processes would
-    start = threading.Barrier(4)
 
     def rotate_ten_times(own: Store) -> None:
-        start.wait()
         for _ in range(10):
             own.rotate(session.family, lambda state: Decision("rotated", "rotated", dataclasses.replace(
                 state, generation=state.generation + 1), "t") if state else Decision("invalid", "unknown"))  # fmt: skip
 
-    try:
-        with concurrent.futures.ThreadPoolExecutor(4) as pool:
-            list(pool.map(rotate_ten_times, stores))
-    finally:
-        for own in stores:
-            own.close()
+    at_once_in_processes(settings, 4, rotate_ten_times)
 
     found = store.find_session(session.family)
     assert found is not None and found.generation == 40  # no rotation was lost to another
@@ -231,22 +241,14 @@ def test_rotations_asked_for_at_once_are_each_decided_and_saved(store: Store) ->
 def test_rounds_of_rotations_from_several_processes_lose_none(store: Store, settings: Settings) -> None:
     user = new_user(store)
     sessions = [started(store, user) for _ in range(3)]
-    stores = [open_store(settings) for _ in range(2)]  # as two workers would
-    start = threading.Barrier(2)
 
     def rotate_in_rounds(own: Store) -> None:
-        start.wait()
         for _ in range(10):
             requests = [(session.family, next_generation([])) for session in reversed(sessions)] * 2
             decisions = asyncio.run(rotate_at_once(own, requests))
             assert all(decision.outcome == "rotated" for decision in decisions)
 
-    try:
-        with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            list(pool.map(rotate_in_rounds, stores))
-    finally:
-        for own in stores:
-            own.close()
+    at_once_in_processes(settings, 2, rotate_in_rounds)  # as two workers would
 
     # 2 processes, 10 rounds, 2 requests for each session in each: no rotation was lost to another
     assert [saved(store, session)[0] for session in sessions] == [40] * 3

@@ -458,10 +458,6 @@ class PostgresStore:
             answers = await self.run(functools.partial(self.rotate_many, [ask.item for ask in wanted]))
         except Exception as exc:  # the database could not be reached, say: every rotation of the round fails
             answers = [exc] * len(wanted)
-        except BaseException:  # the round was cancelled (the loop is closing): so are its requests
-            for ask in wanted:
-                ask.future.cancel()
-            raise
         for ask, answer in zip(wanted, answers, strict=True):
             ask.answer(answer)
 
