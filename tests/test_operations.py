@@ -244,9 +244,12 @@ def sockets_per_worker(server: Server, workers: Iterable[int], state: str) -> di
             if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == state:
                 inodes.add(f"socket:[{fields[9]}]")
     counts = {}
-    for pid in workers:
+    for pid in workers:  # a process that has ended holds none
+        counts[pid] = 0
         with contextlib.suppress(FileNotFoundError, ProcessLookupError):
-            counts[pid] = sum(1 for fd in Path(f"/proc/{pid}/fd").iterdir() if os.readlink(fd) in inodes)
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                with contextlib.suppress(FileNotFoundError):  # closed since listed: a worker still starting
+                    counts[pid] += os.readlink(fd) in inodes
     return counts
 
 
