@@ -222,3 +222,37 @@ def test_concurrent_logins_never_leave_more_sessions_than_the_cap(env: dict[str,
     assert query(env["JWTAUTH_DATABASE"], "select count(*) from sessions where user_id = ?", [alice.id]) == [(count,)]
     assert bob_usable == [200, 200]
     assert live_sessions(env, bob.id) == 2
+
+
+def test_logins_of_one_user_from_one_address_at_once_all_start_their_session(env: dict[str, str]) -> None:
+    """Eight correct logins of one user from one address at once, each round from an address the user has not
+    logged in from (so that each login also counts under the account's ceiling, and forgives three counts):
+    every one is answered 200 and keeps its session. A login that took its counts in one order and forgave
+    them in another met another's in a deadlock, which PostgreSQL ended with a 503."""
+    rounds, count = 6, 8
+    server_env = {**env, "JWTAUTH_HASH_CONCURRENCY": str(count), "JWTAUTH_TRUSTED_PROXIES": "127.0.0.1",
+                  "JWTAUTH_LOGIN_MAX_FAILURES": str(2 * count)}  # fmt: skip
+    alice = add_user(Settings.from_env(server_env), "alice@example.com")
+    server = start_server(server_env)
+    start = threading.Barrier(count)
+
+    def log_in(address: str) -> httpx.Response:
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            http.get("/healthz")  # connected before the race
+            start.wait()
+            credentials = {"email": alice.email, "password": PASSWORD}
+            return http.post("/login", json=credentials, headers={"X-Forwarded-For": address})
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(count) as pool:
+            statuses = [
+                response.status_code
+                for round_ in range(rounds)
+                for response in pool.map(log_in, [f"198.51.100.{round_}"] * count)
+            ]
+    finally:
+        stop_server(server)
+
+    assert statuses == [200] * rounds * count
+    assert live_sessions(env, alice.id) == rounds * count
+    assert query(env["JWTAUTH_DATABASE"], "select count(*) from login_attempts where attempts > 0") == [(0,)]

@@ -410,9 +410,15 @@ class PostgresStore:
                 " order by created_at desc offset %(keep)s)",
                 {"now": session.created_at, "user": session.user.id, "new": session.id, "keep": max_sessions - 1},
             ).rowcount
-            cursor.execute("delete from login_attempts where key = %s", [reset])
-            for key in sorted(release):  # one order for every process: no deadlock between them
-                cursor.execute("update login_attempts set attempts = greatest(attempts - 1, 0) where key = %s", [key])
+            # The keys in take_login_attempt's order, the one every process locks them in: a login that forgave
+            # its reset key first could wait for a key of another login's take, which waited for the reset key.
+            for key in sorted({reset, *release}):
+                if key == reset:
+                    cursor.execute("delete from login_attempts where key = %s", [key])
+                else:
+                    cursor.execute(
+                        "update login_attempts set attempts = greatest(attempts - 1, 0) where key = %s", [key]
+                    )
             return capped
 
     def rotate(self, family: str, decide: Decide) -> Decision:
