@@ -226,7 +226,7 @@ def test_concurrent_logins_never_leave_more_sessions_than_the_cap(env: dict[str,
 
 def test_logins_of_one_user_from_one_address_at_once_all_start_their_session(env: dict[str, str]) -> None:
     """Eight correct logins of one user from one address at once, each round from an address the user has not
-    logged in from (so that each login also counts under the account's ceiling, and forgives three counts):
+    logged in from (so that the logins also count under the account's ceiling, and forgive three counts):
     every one is answered 200 and keeps its session. A login that took its counts in one order and forgave
     them in another met another's in a deadlock, which PostgreSQL ended with a 503."""
     rounds, count = 6, 8

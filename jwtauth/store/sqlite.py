@@ -443,8 +443,8 @@ class SqliteStore:
                 [address_key, session.user.id],
             )
             # The new session is the newest whatever its created_at (another login may bear the same time):
-            # it is kept, and of the others the newest max_sessions - 1. By rowid, which the index holds: a
-            # third of the cost, at the cap, of the same by id.
+            # it is kept, and of the others the newest max_sessions - 1. By rowid, which the index holds, so that
+            # the UPDATE finds the rows it ends without a lookup in the index of ids.
             ended = conn.execute(
                 "update sessions set revoked_at = ?1 where rowid in (select rowid from sessions where user_id = ?2"
                 " and rowid != ?4 and revoked_at is null and expires_at > ?1 order by created_at desc"
