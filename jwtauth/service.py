@@ -356,8 +356,7 @@ class AuthService:
         claims = self._verify(access_token)
         return await self.run(self._bearer, claims)
 
-    @answers_store_errors
-    def _bearer(self, claims: AccessClaims) -> User:
+    def _bearer(self, claims: AccessClaims) -> User:  # its store errors answered by its callers (authenticate, run)
         user = self.store.find_session_user(claims["sid"])
         if user is None or user.id != claims["sub"]:
             raise InvalidTokenError("session revoked or user disabled")

@@ -354,10 +354,15 @@ def test_an_outage_answers_503_and_the_same_processes_resume(postgres: PostgresC
         env = pg_env(cluster, "outage")
         add_user(Settings.from_env(env), "alice@example.com")
         with nodes(env, 1) as (server,), light_load(server) as statuses:
-            token = login(server).json()["refresh_token"]
+            pair = login(server).json()
+            token = pair["refresh_token"]
             cluster.stop()
 
-            answers = [login(server), refresh(server, token)]
+            answers = [
+                login(server),
+                refresh(server, token),
+                httpx.get(f"{server.url}/userinfo", headers=bearer(pair["access_token"]), timeout=30),
+            ]
             health = httpx.get(f"{server.url}/healthz")
             public = [httpx.get(f"{server.url}/.well-known/{name}") for name in ("jwks.json", "openid-configuration")]
             cluster.start()
@@ -368,7 +373,7 @@ def test_an_outage_answers_503_and_the_same_processes_resume(postgres: PostgresC
         stop_postgres(cluster)
 
     assert set(statuses) == {200, 503}  # the load met the outage and its end, and never a 500
-    assert [(a.status_code, a.json()["error"]) for a in answers] == [(503, "temporarily_unavailable")] * 2
+    assert [(a.status_code, a.json()["error"]) for a in answers] == [(503, "temporarily_unavailable")] * 3
     assert all(a.headers["retry-after"] == "1" for a in answers)
     assert health.status_code == 503
     assert [response.status_code for response in public] == [200, 200]

@@ -25,6 +25,7 @@ from .conftest import (
     PASSWORD,
     Account,
     Clock,
+    Server,
     add_user,
     bearer,
     in_background,
@@ -180,6 +181,22 @@ def test_other_users_sessions_are_untouched(
     assert [works(capped, pair) for pair in bobs[1:]] == [True] * (CAP - 1)
 
 
+def logins_at_once(server: Server, email: str, addresses: list[str]) -> list[httpx.Response]:
+    """A correct login of `email` from each of `addresses` (as X-Forwarded-For), all sent at the same moment
+    on connections opened before."""
+    start = threading.Barrier(len(addresses))
+
+    def log_in(address: str) -> httpx.Response:
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            http.get("/healthz")  # connected before the race
+            start.wait()
+            credentials = {"email": email, "password": PASSWORD}
+            return http.post("/login", json=credentials, headers={"X-Forwarded-For": address})
+
+    with concurrent.futures.ThreadPoolExecutor(len(addresses)) as pool:
+        return list(pool.map(log_in, addresses))
+
+
 def test_concurrent_logins_never_leave_more_sessions_than_the_cap(env: dict[str, str]) -> None:
     """24 correct logins at once against a real server (two workers): at most the cap stays live, and the
     sessions of another user are not touched."""
@@ -191,21 +208,11 @@ def test_concurrent_logins_never_leave_more_sessions_than_the_cap(env: dict[str,
     alice = add_user(Settings.from_env(server_env), "alice@example.com")
     bob = add_user(Settings.from_env(server_env), "bob@example.com")
     server = start_server(server_env, "--workers", "2")
-    start = threading.Barrier(count)
-
-    def log_in(number: int) -> httpx.Response:
-        with httpx.Client(base_url=server.url, timeout=30) as http:
-            http.get("/healthz")  # connected before the race
-            start.wait()
-            credentials = {"email": alice.email, "password": PASSWORD}
-            return http.post("/login", json=credentials, headers={"X-Forwarded-For": f"192.0.2.{number}"})
-
     try:
         with httpx.Client(base_url=server.url) as http:
             bobs = [login(http, bob.email) for _ in range(2)]
-        pool = concurrent.futures.ThreadPoolExecutor(count)
-        with watching_live_sessions(env["JWTAUTH_DATABASE"], alice.id) as seen, pool:
-            responses = list(pool.map(log_in, range(count)))
+        with watching_live_sessions(env["JWTAUTH_DATABASE"], alice.id) as seen:
+            responses = logins_at_once(server, alice.email, [f"192.0.2.{number}" for number in range(count)])
         live_after_race = live_sessions(env, alice.id)
         with httpx.Client(base_url=server.url) as http:
             pairs = [response.json() for response in responses if response.status_code == 200]
@@ -234,22 +241,12 @@ def test_logins_of_one_user_from_one_address_at_once_all_start_their_session(env
                   "JWTAUTH_LOGIN_MAX_FAILURES": str(2 * count)}  # fmt: skip
     alice = add_user(Settings.from_env(server_env), "alice@example.com")
     server = start_server(server_env)
-    start = threading.Barrier(count)
-
-    def log_in(address: str) -> httpx.Response:
-        with httpx.Client(base_url=server.url, timeout=30) as http:
-            http.get("/healthz")  # connected before the race
-            start.wait()
-            credentials = {"email": alice.email, "password": PASSWORD}
-            return http.post("/login", json=credentials, headers={"X-Forwarded-For": address})
-
     try:
-        with concurrent.futures.ThreadPoolExecutor(count) as pool:
-            statuses = [
-                response.status_code
-                for round_ in range(rounds)
-                for response in pool.map(log_in, [f"198.51.100.{round_}"] * count)
-            ]
+        statuses = [
+            response.status_code
+            for round_ in range(rounds)
+            for response in logins_at_once(server, alice.email, [f"198.51.100.{round_}"] * count)
+        ]
     finally:
         stop_server(server)
 
