@@ -54,12 +54,15 @@ format: $(VENV)/.installed-dev
 # Throughput and latency of a real `jwtauth serve` next to the limits of its cryptography, with wrk
 # (installed from the system packages when missing). A few minutes; prints a Markdown table and writes
 # results/. Quick smoke test: make bench BENCH_SECONDS=3 BENCH_ARGS="--workers 1 --users 8"
+# Against an earlier commit, served beside this checkout and measured in the same rounds, which endpoints are
+# slower beyond the noise (exit status 1 if any): make bench BENCH_BEFORE=<commit>
 BENCH_SECONDS ?= 10
 BENCH_ARGS ?=
+BENCH_BEFORE ?=
 .PHONY: bench
 bench: $(VENV)/.installed services
 	command -v wrk >/dev/null || (apt-get update && apt-get install -y wrk)
-	$(BIN)/python scripts/bench.py --seconds $(BENCH_SECONDS) $(BENCH_ARGS)
+	$(BIN)/python scripts/bench.py --seconds $(BENCH_SECONDS) $(if $(BENCH_BEFORE),--before $(BENCH_BEFORE)) $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import psycopg
 from bench_noise import parse_cpus
 from bench_server import HOST, free_port, process_tree
 
@@ -77,3 +78,10 @@ def pin(postmaster: int, cpus: str) -> None:
         except ProcessLookupError:
             continue  # a backend that has just ended
     time.sleep(0.05)
+
+
+def create_database(url: str, name: str) -> str:
+    """Create database `name` in the cluster of `url` (a database of the bench's own); return its URL."""
+    with psycopg.connect(url, autocommit=True) as connection:
+        connection.execute(f'create database "{name}"')  # a name of the bench's, not an input
+    return url.rpartition("/")[0] + f"/{name}"

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import bench_wrk
-from bench import login_load, plan_for, refresh_pool
+from bench import ROUNDS, login_load, plan_for, refresh_pool
 from bench_noise import CLOCK_TICKS
 from bench_server import (
     CHEAP_ARGON2,
@@ -31,7 +31,6 @@ from bench_server import (
     add_users,
     cpu_seconds,
     free_port,
-    jwtauth_serve,
     login_many,
     serving,
 )
@@ -133,7 +132,7 @@ def thread_usage(pid: int, before: dict[int, float], after: dict[int, float], se
 def load_for(kind: str, server: Server, directory: Path, seconds: int) -> Load:
     """The wrk load of the bench for kind, with the tokens it needs obtained now."""
     url, emails = server.base_url, account_emails(PROFILE_ACCOUNTS[kind], 8)
-    plan = plan_for(1, seconds)  # the bench's connections for one worker
+    plan = plan_for(1, seconds, ROUNDS)  # the bench's connections for one worker
     if kind == "refresh":
         pool = refresh_pool(server, emails, 3 * plan.connections, directory / "refresh.tokens")
         return Load(f"{url}/refresh", "refresh.lua", (str(pool), "1"), seconds, plan.connections)
@@ -155,7 +154,7 @@ def profile(kind: str, py_spy: str, seconds: int, out: Path, all_threads: bool) 
         add_users(installation, account_emails(PROFILE_ACCOUNTS[kind], 8), parameters)
         env = installation.env(parameters)
         log = Path(directory) / "server.log"
-        with serving(jwtauth_serve(1, installation.port), env, "0", installation.base_url, log) as server:
+        with serving(installation.serve(1), env, "0", installation.base_url, log) as server:
             load = load_for(kind, server, Path(directory), seconds + 2)
             wrk = bench_wrk.start(load)
             # --gil: only the thread holding the GIL, i.e. the Python work of the process; C code that

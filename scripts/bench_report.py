@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import bench_before
+
 Results = dict[str, Any]  # the JSON document bench.py builds (see the keys read below)
 README_START = "<!-- bench:start -->"
 README_END = "<!-- bench:end -->"
@@ -175,6 +177,8 @@ def run_section(run: Results) -> list[str]:
             "",
         ]
     lines += [ENDPOINT_HEADER, *(endpoint_line(row) for row in rows_of(run)), ""]
+    if "before" in run:
+        lines += [*bench_before.lines_of(run), ""]
     lines += [*loaded_lines(run["loaded"]), ""]
     memory = run["memory"]
     lines.append(
@@ -288,15 +292,27 @@ def verify_lines(verify: Results) -> list[str]:
 def markdown(results: Results) -> str:
     """The whole report as Markdown."""
     info = results["machine"]
+    settings = results["settings"]
+    login = "login at default Argon2 in one run between two measurements of its Argon2 limit"
+    if settings.get("before"):
+        login = f"login at default Argon2 in {settings['rounds']} rounds between two measurements of its Argon2 limit"
     lines = [
         f"Measured on {info['nproc']} CPUs ({info['cpu_model']}), Python {info['python']}, Linux {info['kernel']};"
-        f" load average {info['load_average']} at the start; {results['settings']['seconds']} s per load:"
-        f" login at default Argon2 in one run between two measurements of its Argon2 limit, the other loads,"
-        f" their baselines and limits in {results['settings'].get('rounds', 1)} rounds taken in turn, each figure"
+        f" load average {info['load_average']} at the start; {settings['seconds']} s per load:"
+        f" {login}, the other loads,"
+        f" their baselines and limits in {settings.get('rounds', 1)} rounds taken in turn, each figure"
         " the median of its rounds (a 1 s warm-up before each load's first);"
-        f" {results['settings']['users']} accounts per Argon2 setting.",
+        f" {settings['users']} accounts per Argon2 setting.",
         "",
     ]
+    if settings.get("before"):
+        slower = slower_than_before(results)
+        lines += [
+            f"Against {settings['before'][:12]}, served beside it and measured in the same rounds (each run's"
+            " last table): " + (f"**slower beyond the noise: {', '.join(slower)}**." if slower
+                                else "no endpoint slower beyond the noise."),
+            "",
+        ]  # fmt: skip
     lines += summary_lines(results["runs"])
     for run in results["runs"].values():
         lines += run_section(run)
@@ -309,6 +325,12 @@ def markdown(results: Results) -> str:
         " wrk rather than the server set the pace, and that row's ratio says little.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def slower_than_before(results: Results) -> list[str]:
+    """The endpoints slower than on the version before beyond the noise, with their runs; none without one."""
+    runs = [(f"{DATABASES[run['database']]}, `--workers {run['workers']}`", run) for run in results["runs"].values()]
+    return bench_before.slower(runs)
 
 
 def write(results: Results, directory: Path) -> tuple[Path, Path]:

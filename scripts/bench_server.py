@@ -54,6 +54,7 @@ class Installation:
     port: int
     database_url: str | None = None  # PostgreSQL; None: SQLite in the directory
     postmaster: int | None = None  # the PostgreSQL cluster's, to count its CPU
+    command: tuple[str, ...] = ()  # the `jwtauth` to run (another version's, for --before); () for this one's
 
     @property
     def database(self) -> str:
@@ -80,6 +81,14 @@ class Installation:
     def base_url(self) -> str:
         return f"http://{HOST}:{self.port}"
 
+    @property
+    def jwtauth(self) -> list[str]:
+        return list(self.command) or jwtauth_command()
+
+    def serve(self, workers: int) -> list[str]:
+        """`jwtauth serve` on this installation's port, as a user runs it."""
+        return [*self.jwtauth, *serve_arguments(workers, self.port)]
+
 
 def jwtauth_command() -> list[str]:
     """The `jwtauth` console script of this interpreter's environment, else `python -m jwtauth`."""
@@ -97,7 +106,7 @@ def add_users(installation: Installation, emails: Sequence[str], argon2_paramete
     env = installation.env(argon2_parameters)
 
     def add(email: str) -> None:
-        command = [*jwtauth_command(), "users", "add", email, "--password-stdin"]
+        command = [*installation.jwtauth, "users", "add", email, "--password-stdin"]
         done = subprocess.run(command, input=PASSWORD + "\n", env=env, capture_output=True, text=True, timeout=60)
         if done.returncode != 0:
             raise RuntimeError(f"`jwtauth users add {email}` failed: {done.stderr.strip() or done.stdout.strip()}")
@@ -254,11 +263,6 @@ def wait_ready(server: Server, timeout: float = 60.0) -> None:
 
 def serve_arguments(workers: int, port: int) -> list[str]:
     return ["serve", "--host", HOST, "--port", str(port), "--workers", str(workers)]
-
-
-def jwtauth_serve(workers: int, port: int) -> list[str]:
-    """`jwtauth serve`, as a user runs it."""
-    return [*jwtauth_command(), *serve_arguments(workers, port)]
 
 
 def bare_serve(workers: int, port: int) -> list[str]:
