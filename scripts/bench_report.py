@@ -177,15 +177,14 @@ def run_section(run: Results) -> list[str]:
             "",
         ]
     lines += [ENDPOINT_HEADER, *(endpoint_line(row) for row in rows_of(run)), ""]
-    if "before" in run:
-        lines += [*bench_before.lines_of(run), ""]
     lines += [*loaded_lines(run["loaded"]), ""]
     memory = run["memory"]
     lines.append(
         f"Server RSS (all its processes): {memory['idle_mib']:.0f} MiB idle, peak {memory['peak_mib']:.0f} MiB"
         " during the login flood at default Argon2."
     )
-    return [*lines, "", *limit_lines(run["limits"]), ""]
+    lines += ["", *limit_lines(run["limits"]), ""]
+    return [*lines, *bench_before.lines_of(run), ""] if "before" in run else lines
 
 
 DATABASES = {"sqlite": "SQLite", "postgresql": "PostgreSQL"}
