@@ -165,11 +165,13 @@ def test_a_key_change_anywhere_reaches_every_node_within_2_s(
 
 @contextmanager
 def light_load(server: Server) -> Iterator[list[int]]:
-    """Refreshes of one session, one after another, in a thread while the block runs; their statuses."""
+    """Refreshes of one session, one after another, in a thread while the block runs; their statuses. The
+    session is started before the block, so that the block cannot stop the database under its login."""
     statuses: list[int] = []
+    first = login(server).json()["refresh_token"]
 
     def loop(stop: threading.Event) -> None:
-        token = login(server).json()["refresh_token"]
+        token = first
         while not stop.wait(0.02):
             response = refresh(server, token)
             statuses.append(response.status_code)
